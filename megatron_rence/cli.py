@@ -1,0 +1,38 @@
+"""Shared command-line handling: a recipe path, dotted overrides, and the standard flags."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from megatron_rence.config import Config, ConfigError
+from megatron_rence.recipe import dump_yaml, load_recipe
+
+
+def recipe_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("recipe", help="YAML recipe, e.g. recipes/demo_cpu.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. objective.name=grpo rollout.num_samples=8")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved recipe as YAML and exit")
+    parser.add_argument("--dry-run", action="store_true", help="validate the recipe and exit")
+    return parser
+
+
+def load_or_exit(args: argparse.Namespace) -> Config:
+    """Load the recipe; a user error prints one line naming the key and file, and exits 2."""
+    try:
+        return load_recipe(args.recipe, args.overrides)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def handle_info_flags(args: argparse.Namespace, cfg: Config) -> bool:
+    """Handle --print-config / --dry-run; True when the caller should exit."""
+    if args.print_config:
+        sys.stdout.write(dump_yaml(cfg))
+        return True
+    if args.dry_run:
+        print(f"recipe {args.recipe} is valid ({cfg.objective.name}, {cfg.model.arch}, "
+              f"tp={cfg.parallel.tp} pp={cfg.parallel.pp} cp={cfg.parallel.cp})")
+        return True
+    return False

@@ -1,0 +1,307 @@
+"""Typed recipe configuration: a tree of dataclasses loaded from YAML with `base:` inheritance and dotted overrides.
+
+Each component receives only its own section (``cfg.objective``, ``cfg.rollout`` ...). Loading is in
+``megatron_rence.recipe``; this module holds the schema and the checks that need no world size.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+
+class ConfigError(ValueError):
+    """A user error in a recipe or override; the message names the dotted key (and file when known)."""
+
+
+@dataclass
+class ModelConfig:
+    """Decoder-only transformer (Llama-3 / Qwen2.5 / Qwen3 families)."""
+
+    arch: Literal["llama", "qwen2", "qwen3"] = "llama"
+    hf_path: Optional[str] = None  # HF checkpoint dir; its config.json fills the architecture fields
+    tokenizer: str = "synthetic"  # "synthetic" (built in code) or a directory with tokenizer files
+    num_layers: int = 2
+    hidden_size: int = 64
+    ffn_hidden_size: int = 256
+    num_attention_heads: int = 4
+    num_query_groups: int = 2
+    kv_channels: Optional[int] = None  # head dim; None = hidden_size // num_attention_heads
+    vocab_size: int = 0  # 0 = take it from the tokenizer
+    max_position_embeddings: int = 2048
+    rotary_base: float = 10000.0
+    rope_scaling: bool = False  # Llama-3.1 style frequency scaling
+    rope_scaling_factor: float = 8.0
+    norm_epsilon: float = 1e-5
+    add_qkv_bias: bool = False  # Qwen2
+    qk_layernorm: bool = False  # Qwen3
+    tie_word_embeddings: bool = False
+    make_vocab_size_divisible_by: int = 128
+    init_method_std: float = 0.02
+    dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
+    fp8: Optional[Literal["delayed", "tensorwise", "blockwise"]] = None  # TE FP8 training (GPU only)
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+
+@dataclass
+class ParallelConfig:
+    """Trainer layout. Data parallel size is derived: world_size / (tp * pp * cp)."""
+
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    vpp: Optional[int] = None  # virtual pipeline stages per rank
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = False  # GPU only
+    recompute: Literal["none", "selective", "full"] = "none"
+    recompute_num_layers: int = 1
+
+
+@dataclass
+class SyntheticTaskConfig:
+    """The CPU demo's verifiable task: integer arithmetic with exact answers."""
+
+    num_terms: int = 2
+    min_value: int = 0
+    max_value: int = 20
+    operators: str = "+"
+    num_problems: int = 5000
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    source: Literal["file", "synthetic"] = "synthetic"
+    train_path: Optional[str] = None  # jsonl or parquet
+    problem_key: str = "problem"
+    answer_key: str = "answer"
+    id_key: Optional[str] = None
+    template: str = "chat"  # "chat" = tokenizer's chat template; otherwise a format string with {problem}
+    instruction: str = "Please reason step by step, and put your final answer within \\boxed{}."
+    max_prompt_len: int = 512
+    shuffle: bool = True
+    seed: int = 1234
+    skip_malformed: bool = False
+    synthetic: SyntheticTaskConfig = field(default_factory=SyntheticTaskConfig)
+
+
+@dataclass
+class SGLangConfig:
+    tp: int = 1
+    mem_fraction_static: float = 0.6
+    enable_memory_saver: bool = True
+    fp8_weights: bool = False  # quantise weights in the sync stream so the engine serves FP8
+    extra_args: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class RolloutConfig:
+    engine: Literal["hf", "sglang"] = "hf"
+    prompts_per_step: int = 32
+    num_samples: int = 8  # K completions per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_new_tokens: int = 1024
+    stop: list[str] = field(default_factory=list)
+    sglang: SGLangConfig = field(default_factory=SGLangConfig)
+
+
+@dataclass
+class ObjectiveConfig:
+    """One section for the four objectives; each reads the fields its docstring names."""
+
+    name: Literal["rence", "grpo", "dapo", "online_dpo"] = "rence"
+    positive_threshold: float = 0.5  # reward >= threshold is a positive
+    # ReNCE (see objectives/rence.py for which parts are confirmed and which reconstructed)
+    beta: float = 1.0  # score scale on the log-ratio; also the DPO beta
+    margin_alpha: float = 0.0  # reward-scaled margin subtracted from positives' scores
+    reduce_positives: Literal["mean", "sum"] = "mean"
+    length_normalize: bool = False
+    t_easy: float = 1.0  # drop groups whose positive fraction exceeds this
+    kl_coef: float = 0.0  # KL penalty to the reference policy (ReNCE, GRPO, DAPO)
+    kl_target: Optional[float] = None  # adapt kl_coef towards this KL over kl_window steps
+    kl_window: int = 10
+    # GRPO / DAPO
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.2  # DAPO clip-higher: 0.28
+    token_level_loss: bool = False  # DAPO
+    dynamic_sampling: bool = False  # DAPO: drop all-correct / all-wrong groups
+    overlong_buffer: int = 0  # DAPO overlong shaping: tokens before max_new_tokens where the penalty ramps
+    overlong_penalty: float = 1.0
+    normalize_std: bool = True  # GRPO: divide advantages by the group std
+    # online DPO
+    max_pairs_per_group: int = 1
+    ref_update_every: int = 0  # semi-online DPO: refresh the reference every s steps (0 = never)
+
+
+@dataclass
+class RewardConfig:
+    num_workers: int = 2
+    timeout_s: float = 5.0
+    fallbacks: list[Literal["last_number", "answer_is"]] = field(default_factory=lambda: ["last_number"])
+    correct: float = 1.0
+    incorrect: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    lr_warmup_steps: int = 0
+    lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    num_steps: int = 100
+    global_batch_size: int = 256  # sequences per optimizer step
+    micro_batch_size: int = 4
+    max_seq_len: int = 2048  # prompt + response
+    seed: int = 1234
+    run_dir: str = "runs/default"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@dataclass
+class WeightsConfig:
+    bucket_bytes: int = 512 * 1024 * 1024  # full-size bytes per sync bucket
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # steps; 0 = only at the end and on SIGTERM
+    dir: Optional[str] = None  # default: <run_dir>/checkpoints
+    keep_last: int = 2
+    load: Optional[str] = None  # megatron checkpoint to start from (weights only)
+
+
+@dataclass
+class LoggingConfig:
+    jsonl: bool = True
+    tensorboard: bool = True
+    wandb_project: Optional[str] = None
+    progress_bar: bool = True
+
+
+@dataclass
+class BenchmarkConfig:
+    name: str = ""
+    path: str = ""
+    format: Literal["auto", "aime", "amc", "math500", "minerva", "olympiadbench", "gsm8k"] = "auto"
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # steps; 0 = never during training
+    benchmarks: list[BenchmarkConfig] = field(default_factory=list)
+    num_samples: int = 4  # k for avg@k / pass@k
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_new_tokens: int = 1024
+    out_dir: Optional[str] = None  # default: <run_dir>/eval
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    weights: WeightsConfig = field(default_factory=WeightsConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def validate(cfg: Config, source: str = "<recipe>") -> None:
+    """Checks that need no world size. Raises ConfigError naming the dotted key and `source`."""
+
+    def fail(key: str, msg: str) -> None:
+        raise ConfigError(f"{source}: {key}: {msg}")
+
+    m, p, t, r, o = cfg.model, cfg.parallel, cfg.train, cfg.rollout, cfg.objective
+    for key, value in [("parallel.tp", p.tp), ("parallel.pp", p.pp), ("parallel.cp", p.cp),
+                       ("train.micro_batch_size", t.micro_batch_size),
+                       ("train.global_batch_size", t.global_batch_size),
+                       ("rollout.num_samples", r.num_samples), ("rollout.prompts_per_step", r.prompts_per_step),
+                       ("model.num_layers", m.num_layers), ("model.num_attention_heads", m.num_attention_heads),
+                       ("model.num_query_groups", m.num_query_groups), ("model.hidden_size", m.hidden_size)]:
+        if value < 1:
+            fail(key, f"must be >= 1, got {value}")
+    if m.hf_path is None:
+        if m.num_attention_heads % m.num_query_groups:
+            fail("model.num_query_groups", f"{m.num_query_groups} does not divide "
+                 f"model.num_attention_heads={m.num_attention_heads}")
+        if m.num_attention_heads % p.tp:
+            fail("parallel.tp", f"model.num_attention_heads={m.num_attention_heads} is not divisible by tp={p.tp}")
+        if m.num_query_groups % p.tp:
+            fail("parallel.tp", f"model.num_query_groups={m.num_query_groups} is not divisible by tp={p.tp}")
+        if m.ffn_hidden_size % p.tp:
+            fail("parallel.tp", f"model.ffn_hidden_size={m.ffn_hidden_size} is not divisible by tp={p.tp}")
+        stages = p.pp * (p.vpp or 1)
+        if m.num_layers % stages:
+            fail("parallel.pp", f"model.num_layers={m.num_layers} is not divisible by pp*vpp={stages}")
+    if p.vpp is not None and p.pp < 2:
+        fail("parallel.vpp", "virtual pipeline stages need parallel.pp >= 2")
+    if p.sequence_parallel and p.tp < 2:
+        fail("parallel.sequence_parallel", "sequence parallel needs parallel.tp >= 2")
+    if t.global_batch_size % t.micro_batch_size:
+        fail("train.global_batch_size", f"{t.global_batch_size} is not divisible by "
+             f"train.micro_batch_size={t.micro_batch_size}")
+    sequences = r.prompts_per_step * r.num_samples
+    if sequences % t.global_batch_size:
+        fail("train.global_batch_size", f"rollout.prompts_per_step*rollout.num_samples={sequences} "
+             f"is not divisible by train.global_batch_size={t.global_batch_size}")
+    if r.max_new_tokens >= t.max_seq_len:
+        fail("rollout.max_new_tokens", f"{r.max_new_tokens} leaves no room for the prompt in "
+             f"train.max_seq_len={t.max_seq_len}")
+    if not 0.0 < r.temperature:
+        fail("rollout.temperature", f"must be > 0, got {r.temperature}")
+    if not 0.0 < r.top_p <= 1.0:
+        fail("rollout.top_p", f"must be in (0, 1], got {r.top_p}")
+    if o.beta <= 0:
+        fail("objective.beta", f"must be > 0, got {o.beta}")
+    if not 0.0 <= o.t_easy <= 1.0:
+        fail("objective.t_easy", f"must be in [0, 1], got {o.t_easy}")
+    if o.clip_eps_low < 0 or o.clip_eps_high < 0:
+        fail("objective.clip_eps_low", "clip ranges must be >= 0")
+    if o.name == "online_dpo" and r.num_samples < 2:
+        fail("rollout.num_samples", "online_dpo needs at least 2 samples per prompt to form pairs")
+    if o.overlong_buffer >= r.max_new_tokens and o.overlong_buffer > 0:
+        fail("objective.overlong_buffer", f"{o.overlong_buffer} must be < rollout.max_new_tokens={r.max_new_tokens}")
+    if m.fp8 is not None and m.dtype == "fp32":
+        fail("model.fp8", "FP8 training needs model.dtype bf16")
+    if cfg.data.source == "file" and not cfg.data.train_path:
+        fail("data.train_path", "data.source=file needs a train_path (jsonl or parquet)")
+    if cfg.weights.bucket_bytes < 1:
+        fail("weights.bucket_bytes", "must be >= 1")
+
+
+def check_world_size(cfg: Config, world_size: int, source: str = "<recipe>") -> int:
+    """Checks the layout against the number of ranks; returns the data-parallel size."""
+    p, t = cfg.parallel, cfg.train
+    model_parallel = p.tp * p.pp * p.cp
+    if world_size % model_parallel:
+        raise ConfigError(f"{source}: parallel: tp*pp*cp={model_parallel} does not divide the world size {world_size}")
+    dp = world_size // model_parallel
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError(f"{source}: train.global_batch_size: {t.global_batch_size} is not divisible by "
+                          f"train.micro_batch_size*dp={t.micro_batch_size}*{dp}")
+    return dp

@@ -1,0 +1,1 @@
+"""Prompt datasets, templates, benchmark loaders and the synthetic CPU demo task."""

@@ -1,0 +1,1 @@
+"""Pure-torch training objectives: ReNCE, GRPO, DAPO and online DPO."""

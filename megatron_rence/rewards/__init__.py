@@ -1,0 +1,1 @@
+"""Verifiable rewards: answer extraction, math-verify grading, and the process pool that owns timeouts."""

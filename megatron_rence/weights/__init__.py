@@ -1,0 +1,1 @@
+"""Weights: per-architecture HF<->Megatron mapping, sync planning, and the per-step transport."""

@@ -1,0 +1,1 @@
+"""Pure per-architecture name and layout mappings between Megatron and Hugging Face."""
