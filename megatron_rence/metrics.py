@@ -1,0 +1,125 @@
+"""Step metrics to stdout, `metrics.jsonl`, TensorBoard and (when configured and installed) wandb; a progress bar."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from megatron_rence.config import LoggingConfig
+
+_BAR_KEYS = (("reward/mean", "reward"), ("loss/total", "loss"), ("perf/step_s", "s/step"))
+
+
+class MetricsLogger:
+    """Writes one record per step. Only the rank that owns logging (rank 0) should construct one.
+
+    On resume, records after `resume_step` (steps that will be run again) are dropped from metrics.jsonl.
+    """
+
+    def __init__(self, cfg: LoggingConfig, run_dir: str | os.PathLike, num_steps: int, start_step: int = 0,
+                 resume_step: int | None = None, run_name: str | None = None):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl_path = self.run_dir / "metrics.jsonl"
+        if resume_step is not None:
+            _truncate_after(self.jsonl_path, resume_step)
+        elif self.jsonl_path.exists():
+            self.jsonl_path.unlink()  # a fresh run in an existing directory starts a fresh log
+        self._jsonl = open(self.jsonl_path, "a") if cfg.jsonl else None
+        self._tb = None
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+        self._wandb = None
+        if cfg.wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                print("logging.wandb_project is set but wandb is not installed; skipping wandb")
+            else:
+                self._wandb = wandb.init(project=cfg.wandb_project, name=run_name or self.run_dir.name,
+                                         dir=str(self.run_dir), resume="allow")
+        self._bar = tqdm(total=num_steps, initial=start_step, desc="train", dynamic_ncols=True,
+                         disable=not cfg.progress_bar)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        record = {"step": step, **{k: _plain(v) for k, v in sorted(metrics.items())}}
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.flush()
+        if self._tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self._tb.add_scalar(key, value, step)
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(record, step=step)
+        postfix = {short: f"{record[key]:.3g}" for key, short in _BAR_KEYS if isinstance(record.get(key), float)}
+        if self._bar.disable:
+            print(format_line(record), flush=True)
+        else:
+            self._bar.set_postfix(postfix, refresh=False)
+            self._bar.update(1)
+            self._bar.write(format_line(record))
+
+    def close(self) -> None:
+        self._bar.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def format_line(record: dict[str, Any], keys: tuple[str, ...] = (
+        "reward/mean", "reward/pass_rate", "groups/mixed_frac", "loss/total", "rollout/response_len_mean",
+        "mismatch/abs_mean", "perf/rollout_s", "perf/train_s", "perf/sync_s")) -> str:
+    parts = [f"step {record['step']}"]
+    for key in keys:
+        value = record.get(key)
+        if isinstance(value, float):
+            parts.append(f"{key}={value:.4g}")
+    return " | ".join(parts)
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
+    records = []
+    for line_no, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{line_no}: not JSON ({exc})") from None
+    return records
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item") and getattr(value, "numel", lambda: 1)() == 1:
+        value = value.item()
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return value
+    return value if isinstance(value, (str, list, dict)) or value is None else float(value)
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
