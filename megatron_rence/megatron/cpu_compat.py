@@ -1,0 +1,216 @@
+"""Targeted, reversible patches that let megatron-core run on a CPU-only torch build (gloo, fp32, local spec).
+
+megatron-core assumes CUDA in a few dozen places (DESIGN.md, "Facts about the stack"). Without CUDA,
+``apply()`` patches exactly those spots and records every patch so ``restore()`` can undo them:
+
+* ``torch.cuda.current_device()`` is used as ``device=`` in ~40 places: it returns ``torch.device("cpu")``;
+* ``torch.cuda.synchronize()`` (p2p communication, DDP) becomes a no-op; ``torch.cuda.current_stream()``
+  (newer DDP) returns a stream object whose methods do nothing;
+* modules that hard-code ``device="cuda"`` (schedules, optimizer, clip_grads, grad_scaler,
+  param_and_grad_buffer, tensor_parallel/data, transformer/utils, core/utils) see a ``torch`` whose tensor
+  factories map a CUDA device to the CPU (and drop ``pin_memory``); the rest of torch is untouched;
+* the CUDA RNG-states tracker is replaced by one with the same API over the CPU generator, so
+  ``model_parallel_cuda_manual_seed`` and activation recomputation work;
+* gradient clipping's ``assert grad.type() == 'torch.cuda.FloatTensor'`` is replaced by a CPU version.
+
+``apply()`` is a no-op when ``torch.cuda.is_available()``. The model config needs CPU settings as well:
+see ``cpu_config_overrides()``.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import types
+from typing import Any, Callable, Optional
+
+import torch
+
+# Modules that hard-code device="cuda" in tensor factories (megatron-core 0.16; missing ones are skipped).
+_CUDA_DEVICE_MODULES = (
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.tensor_parallel.data",
+    "megatron.core.transformer.utils",
+    "megatron.core.utils",
+)
+# Tensor factories whose `device=` argument is rewritten in those modules.
+_FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange", "randn", "rand", "zeros_like",
+              "ones_like", "empty_like", "full_like", "as_tensor")
+# Modules that import clip_grad_by_total_norm_fp32 by name.
+_CLIP_MODULES = ("megatron.core.optimizer.clip_grads", "megatron.core.optimizer.optimizer",
+                 "megatron.core.optimizer")
+
+_patches: list[tuple[Any, str, Any]] = []  # (owner, attribute, original) in application order
+_MISSING = object()
+
+
+def is_applied() -> bool:
+    return bool(_patches)
+
+
+def cpu_config_overrides() -> dict:
+    """TransformerConfig fields a CPU run needs (no fused CUDA kernels, CPU init, fp32)."""
+    return dict(gradient_accumulation_fusion=False, bias_activation_fusion=False,
+                masked_softmax_fusion=False, persist_layer_norm=False, bias_dropout_fusion=False,
+                apply_rope_fusion=False, use_cpu_initialization=True, params_dtype=torch.float32,
+                bf16=False, fp16=False)
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, int):
+        return True
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, torch.device) and device.type == "cuda"
+
+
+def _cpu_factory(fn: Callable) -> Callable:
+    def factory(*args, **kwargs):
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs["device"] = "cpu"
+        kwargs.pop("pin_memory", None)
+        return fn(*args, **kwargs)
+
+    factory.__name__ = getattr(fn, "__name__", "factory")
+    factory.__wrapped__ = fn
+    return factory
+
+
+class CpuTorch(types.ModuleType):
+    """Stands in for `torch` inside one megatron module: CUDA devices in tensor factories become CPU."""
+
+    def __init__(self):
+        super().__init__("torch")
+        for name in _FACTORIES:
+            setattr(self, name, _cpu_factory(getattr(torch, name)))
+
+    def __getattr__(self, name):  # everything else is the real torch
+        return getattr(torch, name)
+
+
+class _NullStream:
+    """What `torch.cuda.current_stream()` returns on CPU: every stream operation is a no-op."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+def _current_device():
+    return torch.device("cpu")
+
+
+def _synchronize(device=None):
+    return None
+
+
+def _current_stream(device=None):
+    return _NullStream()
+
+
+def _cpu_get_rng_state(device="cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+    return torch.get_rng_state()
+
+
+def _cpu_set_rng_state(new_state: torch.Tensor, device: int = -1, graph_safe: bool = False) -> None:
+    torch.set_rng_state(new_state)
+
+
+def _make_cpu_tracker_class(base: type) -> type:
+    """A subclass of megatron's CudaRNGStatesTracker whose named states are CPU generator states."""
+
+    class CpuRNGStatesTracker(base):
+        def add(self, name, seed):
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            self.seeds_.add(seed)
+            generator = torch.Generator()
+            generator.manual_seed(seed)
+            self.states_[name] = generator.get_state()
+
+        @contextlib.contextmanager
+        def fork(self, name="model-parallel-rng"):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            outer = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(outer)
+
+    return CpuRNGStatesTracker
+
+
+def clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad: bool = False):
+    """CPU version of megatron's function of the same name (no CUDA-tensor assertion): scales grads in place."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr) for p in parameters if getattr(p, attr, None) is not None]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0:
+        for grad in grads:
+            grad.detach().mul_(clip_coeff)
+
+
+def _patch(owner, name: str, value) -> None:
+    _patches.append((owner, name, getattr(owner, name, _MISSING)))
+    setattr(owner, name, value)
+
+
+def _import(name: str) -> Optional[types.ModuleType]:
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+def apply(force: bool = False) -> bool:
+    """Patch megatron-core for CPU. No-op (returns False) with CUDA present unless `force`; idempotent."""
+    if _patches or (torch.cuda.is_available() and not force):
+        return False
+    _patch(torch.cuda, "current_device", _current_device)
+    _patch(torch.cuda, "synchronize", _synchronize)
+    _patch(torch.cuda, "current_stream", _current_stream)
+
+    cpu_torch = CpuTorch()
+    for name in _CUDA_DEVICE_MODULES:
+        module = _import(name)
+        if module is not None and getattr(module, "torch", None) is torch:
+            _patch(module, "torch", cpu_torch)
+
+    random = importlib.import_module("megatron.core.tensor_parallel.random")
+    _patch(random, "_get_cuda_rng_state", _cpu_get_rng_state)
+    _patch(random, "_set_cuda_rng_state", _cpu_set_rng_state)
+    _patch(random, "CudaRNGStatesTracker", _make_cpu_tracker_class(random.CudaRNGStatesTracker))
+    # A tracker created before apply() is a CUDA one: drop it so the next seeding builds a CPU one.
+    _patch(random, "_CUDA_RNG_STATE_TRACKER", None)
+    _patch(random, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", False)
+
+    for name in _CLIP_MODULES:
+        module = _import(name)
+        if module is not None and hasattr(module, "clip_grad_by_total_norm_fp32"):
+            _patch(module, "clip_grad_by_total_norm_fp32", clip_grad_by_total_norm_fp32)
+    return True
+
+
+def restore() -> None:
+    """Undo every patch made by `apply()`, last first."""
+    while _patches:
+        owner, name, original = _patches.pop()
+        if original is _MISSING:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, original)
+
+
+def patched() -> list[str]:
+    """Human-readable list of what `apply()` patched ("module.attribute")."""
+    return [f"{getattr(owner, '__name__', type(owner).__name__)}.{name}" for owner, name, _ in _patches]

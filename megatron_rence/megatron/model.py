@@ -1,0 +1,129 @@
+"""megatron-core GPTModel chunks from the recipe's model section (Llama-3, Qwen2.5, Qwen3).
+
+On GPU the Transformer Engine layer spec in BF16 (FP8 through TE when ``model.fp8`` is set); without CUDA
+the local layer spec in fp32 with the settings ``cpu_compat`` needs. One chunk per virtual pipeline stage.
+The returned chunks are bare ``GPTModel`` modules: DDP wrapping belongs to the optimizer (``step.py``).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from megatron_rence.config import ModelConfig, ParallelConfig
+from megatron_rence.megatron import cpu_compat
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# model.fp8 -> (TransformerConfig.fp8, TransformerConfig.fp8_recipe)
+FP8_RECIPES = {"delayed": ("hybrid", "delayed"), "tensorwise": ("hybrid", "tensorwise"),
+               "blockwise": ("e4m3", "blockwise")}
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """Megatron's vocabulary padding: the next multiple of divisible_by * tp (rows past vocab_size are unused)."""
+    multiple = divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
+
+
+def _recompute_fields(parallel_cfg: ParallelConfig) -> dict:
+    if parallel_cfg.recompute == "none":
+        return {}
+    if parallel_cfg.recompute == "selective":
+        return dict(recompute_granularity="selective")
+    return dict(recompute_granularity="full", recompute_method="uniform",
+                recompute_num_layers=parallel_cfg.recompute_num_layers)
+
+
+def transformer_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, use_cuda: bool):
+    """The TransformerConfig for a Llama/Qwen-style decoder (RMSNorm, SwiGLU, RoPE, GQA, no linear biases)."""
+    from megatron.core.transformer import TransformerConfig
+
+    m, p = model_cfg, parallel_cfg
+    dtype = _DTYPES[m.dtype] if use_cuda else torch.float32
+    fields = dict(
+        num_layers=m.num_layers, hidden_size=m.hidden_size, ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups,
+        kv_channels=m.head_dim, normalization="RMSNorm", layernorm_epsilon=m.norm_epsilon,
+        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
+        add_qkv_bias=m.add_qkv_bias, qk_layernorm=m.qk_layernorm,
+        hidden_dropout=0.0, attention_dropout=0.0, init_method_std=m.init_method_std,
+        tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=p.pp,
+        virtual_pipeline_model_parallel_size=p.vpp, context_parallel_size=p.cp,
+        sequence_parallel=p.sequence_parallel, pipeline_dtype=dtype,
+        # microbatches differ in length; megatron rejects this flag with the (unused) allgather MoE dispatcher
+        variable_seq_lengths=True, moe_token_dispatcher_type="alltoall",
+        params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        attention_softmax_in_fp32=True, **_recompute_fields(p),
+    )
+    if use_cuda and m.fp8 is not None:
+        fields["fp8"], fields["fp8_recipe"] = FP8_RECIPES[m.fp8]
+    if not use_cuda:
+        if m.fp8 is not None:
+            raise ValueError(f"model.fp8={m.fp8!r} needs CUDA and Transformer Engine; unset it for CPU runs")
+        fields.update(cpu_compat.cpu_config_overrides())
+    return TransformerConfig(**fields)
+
+
+class LocalRMSNorm(torch.nn.RMSNorm):
+    """torch RMSNorm with megatron's norm constructor; unlike megatron's WrappedTorchNorm it allows sequence
+    parallelism, marking its weight `sequence_parallel` so finalize_model_grads sums its grad over TP."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **unused):
+        super().__init__(hidden_size, eps=eps)
+        self.weight.sequence_parallel = config.sequence_parallel
+
+
+def layer_spec(model_cfg: ModelConfig, config, use_cuda: bool, vp_stage):
+    """TE layer spec on GPU (needed for FP8 and THD packing); on CPU megatron's local spec with LocalRMSNorm."""
+    from megatron.core.models.gpt import gpt_layer_specs
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    if use_cuda:
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model_cfg.qk_layernorm)
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=model_cfg.qk_layernorm, normalization="RMSNorm")
+    attention = spec.submodules.self_attention
+    qk_norm = LocalRMSNorm if model_cfg.qk_layernorm else attention.submodules.q_layernorm
+    attention = dataclasses.replace(attention, submodules=dataclasses.replace(
+        attention.submodules, q_layernorm=qk_norm, k_layernorm=qk_norm))
+    spec = dataclasses.replace(spec, submodules=dataclasses.replace(
+        spec.submodules, input_layernorm=LocalRMSNorm, pre_mlp_layernorm=LocalRMSNorm, self_attention=attention))
+    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=LocalRMSNorm)
+
+
+def build_model(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, vocab_size: int) -> list:
+    """One GPTModel per virtual pipeline stage of this rank; `parallel.initialize` must have run.
+
+    `vocab_size` is the tokenizer's; the embedding is padded (see `padded_vocab_size`), so log-probs must
+    mask the rows past `vocab_size` (`logprobs.vocab_parallel_logprobs(..., vocab_size=)`).
+    Outputs are vocab-parallel logits [B, S, V_padded / tp] on the last stage, hidden states elsewhere.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    if vocab_size < 1:
+        raise ValueError(f"model.vocab_size: need the tokenizer's vocabulary size, got {vocab_size}")
+    if not ps.model_parallel_is_initialized():
+        raise RuntimeError("call megatron_rence.megatron.parallel.initialize before build_model")
+    use_cuda = torch.cuda.is_available()
+    config = transformer_config(model_cfg, parallel_cfg, use_cuda)
+    padded = padded_vocab_size(vocab_size, model_cfg.make_vocab_size_divisible_by, parallel_cfg.tp)
+    chunks = []
+    for vp_stage in range(parallel_cfg.vpp or 1):
+        vp = vp_stage if parallel_cfg.vpp else None
+        spec = layer_spec(model_cfg, config, use_cuda, vp)
+        model = GPTModel(
+            config=config, transformer_layer_spec=spec, vocab_size=padded,
+            max_sequence_length=model_cfg.max_position_embeddings,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
+            parallel_output=True, share_embeddings_and_output_weights=model_cfg.tie_word_embeddings,
+            position_embedding_type="rope", rotary_base=int(model_cfg.rotary_base),
+            rope_scaling=model_cfg.rope_scaling, rope_scaling_factor=model_cfg.rope_scaling_factor,
+            vp_stage=vp,
+        )
+        if use_cuda:
+            model.cuda(torch.cuda.current_device())
+        chunks.append(model)
+    return chunks
