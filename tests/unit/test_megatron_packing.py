@@ -1,0 +1,77 @@
+"""Padded and THD batches: targets, response masks, padding multiples, context-parallel splits."""
+import pytest
+import torch
+
+from megatron_rence.megatron import packing
+
+SEQS = [([1, 2, 3, 4, 5], 2), ([6, 7, 8], 1), ([9, 10], 2)]  # the last has an empty response
+
+
+def test_pad_multiple_rules():
+    assert packing.pad_multiple() == 1
+    assert packing.pad_multiple(tp=4) == 1  # TP without sequence parallel needs nothing
+    assert packing.pad_multiple(tp=4, sequence_parallel=True) == 4
+    assert packing.pad_multiple(cp=2) == 4
+    assert packing.pad_multiple(tp=2, cp=3, sequence_parallel=True) == 6
+    assert packing.pad_multiple(tp=8, cp=2, sequence_parallel=True, fp8=True) == 16
+    assert packing.pad_multiple(tp=3, sequence_parallel=True, fp8=True) == 48
+
+
+def test_pad_batch_targets_and_mask():
+    b = packing.pad_batch(SEQS, pad_id=0, multiple=4)
+    assert b.tokens.shape == (3, 8)
+    assert b.tokens[0].tolist() == [1, 2, 3, 4, 5, 0, 0, 0]
+    assert b.targets[0].tolist() == [2, 3, 4, 5, -1, -1, -1, -1]
+    # prompt_len 2: positions 1..3 predict response tokens 3, 4, 5
+    assert b.loss_mask[0].tolist() == [0, 1, 1, 1, 0, 0, 0, 0]
+    assert b.loss_mask[1].tolist() == [1, 1, 0, 0, 0, 0, 0, 0]
+    assert b.loss_mask[2].sum() == 0
+    assert b.position_ids[1].tolist() == list(range(8))
+    per_seq = b.response_logprobs(torch.arange(24.0).view(3, 8))
+    assert [t.tolist() for t in per_seq] == [[1.0, 2.0, 3.0], [8.0, 9.0], []]
+
+
+def test_pack_thd_offsets_and_index():
+    b = packing.pack_thd(SEQS, pad_id=0, multiple=4)
+    assert b.tokens.tolist() == [[1, 2, 3, 4, 5, 0, 0, 0, 6, 7, 8, 0, 9, 10, 0, 0]]
+    assert b.cu_seqlens.tolist() == [0, 5, 8, 10]
+    assert b.cu_seqlens_padded.tolist() == [0, 8, 12, 16]
+    assert b.max_seqlen == 8 and b.num_sequences == 3
+    assert b.position_ids.tolist() == [list(range(8)) + list(range(4)) + list(range(4))]
+    assert b.seq_index.tolist() == [0] * 5 + [-1] * 3 + [1] * 3 + [-1] + [2] * 2 + [-1] * 2
+    assert b.loss_mask.reshape(-1).nonzero().reshape(-1).tolist() == [1, 2, 3, 8, 9]
+    per_seq = packing.unpack_response_logprobs(b, torch.arange(16.0).view(1, 16))
+    assert [t.tolist() for t in per_seq] == [[1.0, 2.0, 3.0], [8.0, 9.0], []]
+    params = b.packed_seq_params()
+    assert params.qkv_format == "thd" and params.cu_seqlens_q_padded is b.cu_seqlens_padded
+
+
+def test_bad_prompt_len_names_the_sequence():
+    with pytest.raises(ValueError, match="sequence 1: prompt_len=4"):
+        packing.pad_batch([([1, 2], 1), ([1, 2, 3], 4)], pad_id=0)
+    with pytest.raises(ValueError, match="prompt_len=0"):
+        packing.pack_thd([([1, 2], 0)], pad_id=0)
+
+
+def test_context_parallel_chunks_cover_every_position_once():
+    for cp in (1, 2, 3):
+        parts = [packing.cp_chunk_indices(12, r, cp) for r in range(cp)]
+        assert sorted(torch.cat(parts).tolist()) == list(range(12))
+    # load balancing for causal attention: rank 0 holds the first and the last chunk
+    assert packing.cp_chunk_indices(8, 0, 2).tolist() == [0, 1, 6, 7]
+    assert packing.cp_chunk_indices(8, 1, 2).tolist() == [2, 3, 4, 5]
+    with pytest.raises(ValueError, match="not divisible by 2\\*cp=4"):
+        packing.cp_chunk_indices(6, 0, 2)
+
+
+def test_split_for_cp_keeps_per_sequence_sums():
+    packed = packing.pack_thd(SEQS, pad_id=0, multiple=packing.pad_multiple(cp=2))
+    padded = packing.pad_batch(SEQS, pad_id=0, multiple=4)
+    for batch, split in ((packed, packing.split_packed_for_cp), (padded, packing.split_padded_for_cp)):
+        parts = [split(batch, r, 2) for r in range(2)]
+        assert sum(p.tokens.numel() for p in parts) == batch.tokens.numel()
+        assert sum(p.loss_mask.sum() for p in parts) == batch.loss_mask.sum()
+    r1 = packing.split_packed_for_cp(packed, 1, 2)
+    # sequence 0 has padded length 8 -> rank 1 holds positions 2..5; sequence 1 (4) -> position 1, 2
+    assert r1.tokens.tolist()[0][:6] == [3, 4, 5, 0, 7, 8]
+    assert r1.seq_index.tolist()[:6] == [0, 0, 0, -1, 1, 1]
