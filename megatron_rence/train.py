@@ -1,10 +1,181 @@
-"""Training entry point: `python -m megatron_rence.train RECIPE [overrides] [--print-config|--dry-run|--resume]`."""
+"""Training entry point: `python -m megatron_rence.train RECIPE [overrides] [--print-config|--dry-run|--resume]`.
+
+One step, as in DESIGN.md: prompts -> engine.generate(K) -> rewards -> groups -> release engine memory
+-> log-likelihoods -> objective -> optimizer step -> weight sync -> metrics; evaluation every
+`eval.every` steps, a checkpoint every `checkpoint.every` steps and on SIGTERM / SIGUSR1 / Ctrl-C.
+"""
 from __future__ import annotations
 
+import signal
 import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
 
 from megatron_rence.cli import handle_info_flags, load_or_exit, recipe_parser
+from megatron_rence.config import Config, check_world_size
 from megatron_rence.recipe import save_resolved
+
+
+@dataclass
+class Run:
+    """Every component of a run, built once by `setup`."""
+
+    cfg: Config
+    pstate: Any
+    tokenizer: Any
+    trainer: Any
+    ref_trainer: Any
+    objective: Any
+    dataset: Any
+    engine: Any  # None on ranks that hold no engine
+    engine_index: int
+    num_engines: int
+    reward_pool: Any
+    logger: Any  # None except on rank 0
+    start_step: int
+
+
+class StopFlag:
+    """Set by SIGTERM / SIGUSR1 / SIGINT; the loop checkpoints at the end of the step and exits."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.signum = signum
+
+
+def setup(cfg: Config, resume: bool) -> Run:
+    from megatron_rence.data.prompts import PromptDataset
+    from megatron_rence.data.tokenizer import load_tokenizer
+    from megatron_rence.megatron import checkpoint, parallel
+    from megatron_rence.megatron.model import build_model
+    from megatron_rence.megatron.step import Trainer
+    from megatron_rence.metrics import MetricsLogger
+    from megatron_rence.objectives import get_objective
+    from megatron_rence.rewards.pool import RewardPool
+    from megatron_rence.phases import engine_layout
+    from megatron_rence.rollout.engine import build_engine
+    from megatron_rence.weights.hf_config import to_hf_config
+
+    pstate = parallel.initialize(cfg.parallel, cfg.train.seed)
+    check_world_size(cfg, pstate.world_size)
+    tokenizer = load_tokenizer(cfg.model)
+    vocab_size = cfg.model.vocab_size or len(tokenizer)
+    trainer = Trainer(cfg, build_model(cfg.model, cfg.parallel, vocab_size), pstate, vocab_size)
+    objective = get_objective(cfg.objective)
+    ref_trainer = None
+    if objective.needs_ref:
+        ref_trainer = Trainer(cfg, build_model(cfg.model, cfg.parallel, vocab_size), pstate, vocab_size,
+                              frozen=True)
+    dataset = PromptDataset(cfg.data, tokenizer)
+    ckpt_dir = Path(cfg.checkpoint.dir or Path(cfg.train.run_dir) / "checkpoints")
+    start_step, resume_step = 0, None
+    if resume and checkpoint.latest(ckpt_dir) is not None:
+        state = trainer.load(ckpt_dir)
+        start_step = resume_step = state["step"]
+        dataset.load_state_dict(state["data"])
+        objective.load_state_dict(state["objective"])
+        print(f"resumed from {checkpoint.latest(ckpt_dir)} at step {start_step}")
+    elif resume:
+        print(f"--resume: no checkpoint in {ckpt_dir}; starting from scratch")
+    elif cfg.checkpoint.load:
+        trainer.load(cfg.checkpoint.load, weights_only=True)
+    if ref_trainer is not None:
+        ref_trainer.copy_weights_from(trainer)  # the reference is the starting policy
+    engine_index, num_engines = engine_layout(cfg, pstate.rank, pstate.world_size)
+    engine = reward_pool = None
+    if engine_index is not None:
+        engine = build_engine(cfg, to_hf_config(cfg.model, vocab_size), tokenizer)
+        reward_pool = RewardPool(cfg.reward)
+    logger = None
+    if pstate.rank == 0:
+        save_resolved(cfg, cfg.train.run_dir)
+        logger = MetricsLogger(cfg.logging, cfg.train.run_dir, cfg.train.num_steps, start_step, resume_step)
+    return Run(cfg, pstate, tokenizer, trainer, ref_trainer, objective, dataset, engine,
+               engine_index if engine_index is not None else -1, num_engines, reward_pool, logger, start_step)
+
+
+def sync_weights(run: Run, version: int) -> dict:
+    """Trainer shards -> HF layout buckets -> the engine, in place."""
+    from megatron_rence.weights.sync import push_weights
+
+    if run.engine is not None:
+        run.engine.resume_memory(tags=["weights"])
+    metrics = push_weights(run.trainer.model_chunks, run.cfg.model, run.engine, version,
+                           run.cfg.weights.bucket_bytes, run.pstate)
+    if run.engine is not None:
+        run.engine.resume_memory(tags=["kv_cache"])
+    return metrics
+
+
+def train_step(run: Run, step: int) -> dict:
+    from megatron_rence.phases import rollout_phase, sampling_params, train_phase
+
+    t0 = time.perf_counter()
+    cfg = run.cfg
+    prompts = run.dataset.next_batch(cfg.rollout.prompts_per_step)
+    exp, metrics = rollout_phase(prompts, run.engine, run.reward_pool, sampling_params(cfg, step),
+                                 cfg.rollout.num_samples, run.engine_index, run.num_engines,
+                                 cfg.objective.positive_threshold)
+    if run.engine is not None:
+        run.engine.release_memory()
+    metrics.update(train_phase(exp, run.trainer, run.ref_trainer, run.objective, cfg))
+    run.objective.update_after_step(metrics)
+    metrics.update(sync_weights(run, version=step + 1))
+    metrics["perf/step_s"] = time.perf_counter() - t0
+    return metrics
+
+
+def save(run: Run, step: int) -> None:
+    run.trainer.save(Path(run.cfg.checkpoint.dir or Path(run.cfg.train.run_dir) / "checkpoints"), step,
+                     {"step": step, "data": run.dataset.state_dict(), "objective": run.objective.state_dict()},
+                     keep_last=run.cfg.checkpoint.keep_last)
+
+
+def maybe_evaluate(run: Run, step: int) -> dict:
+    from megatron_rence.evaluate import evaluate
+
+    e = run.cfg.eval
+    if not (e.every and e.benchmarks and step % e.every == 0) or run.engine is None or run.engine_index != 0:
+        return {}
+    out_dir = Path(e.out_dir or Path(run.cfg.train.run_dir) / "eval")
+    return evaluate(run.engine, run.tokenizer, e, run.cfg.data, run.reward_pool, out_dir, step=step)
+
+
+def run_training(cfg: Config, resume: bool = False) -> list[dict]:
+    """Train `cfg.train.num_steps` steps (from the latest checkpoint with `resume`); returns the step metrics."""
+    stop = StopFlag()
+    run = setup(cfg, resume)
+    history: list[dict] = []
+    try:
+        sync_weights(run, version=run.start_step)  # the engine starts from the trainer's weights
+        for step in range(run.start_step + 1, cfg.train.num_steps + 1):
+            metrics = train_step(run, step)
+            metrics.update(maybe_evaluate(run, step))
+            if run.logger is not None:
+                run.logger.log(step, metrics)
+            history.append({"step": step, **metrics})
+            stopping = run.trainer.any_rank(stop.signum is not None)
+            if stopping or step == cfg.train.num_steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+                save(run, step)
+            if stopping:
+                print(f"signal {stop.signum}: checkpoint written at step {step}; exiting", flush=True)
+                break
+    finally:
+        if run.logger is not None:
+            run.logger.close()
+        if run.reward_pool is not None:
+            run.reward_pool.close()
+        if run.engine is not None:
+            run.engine.shutdown()
+    return history
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,9 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_or_exit(args)
     if handle_info_flags(args, cfg):
         return 0
-    save_resolved(cfg, cfg.train.run_dir)
-    print("training loop not implemented yet", file=sys.stderr)
-    return 1
+    history = run_training(cfg, resume=args.resume)
+    if history:
+        last = history[-1]
+        print(f"done: step {last['step']} reward/mean={last.get('reward/mean', float('nan')):.3f} "
+              f"run dir {cfg.train.run_dir}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,73 @@
+"""One step's experience: prompts, their K completions and grades, as the trainer and the metrics need them."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megatron_rence.data.prompts import Prompt
+from megatron_rence.rewards.math import GradeResult
+from megatron_rence.rollout.types import Completion
+
+
+@dataclass
+class Experience:
+    """G prompts x K completions, graded. Row-major: sequence i = group i // K, sample i % K."""
+
+    prompts: list[Prompt]
+    completions: list[list[Completion]]  # [G][K]
+    grades: list[list[GradeResult]]  # [G][K]
+
+    @property
+    def group_size(self) -> int:
+        return len(self.completions[0])
+
+    @property
+    def rewards(self) -> torch.Tensor:
+        """[G, K] float32."""
+        return torch.tensor([[g.reward for g in row] for row in self.grades], dtype=torch.float32)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """[G, K] response lengths in tokens."""
+        return torch.tensor([[len(c.token_ids) for c in row] for row in self.completions], dtype=torch.long)
+
+    def select(self, keep: torch.Tensor) -> "Experience":
+        """The groups where `keep` [G] is True."""
+        idx = [i for i, k in enumerate(keep.tolist()) if k]
+        return Experience([self.prompts[i] for i in idx], [self.completions[i] for i in idx],
+                          [self.grades[i] for i in idx])
+
+    def sequences(self) -> list[tuple[list[int], int]]:
+        """(prompt + response token ids, prompt length) per sequence, row-major."""
+        return [(p.token_ids + c.token_ids, len(p.token_ids))
+                for p, row in zip(self.prompts, self.completions) for c in row]
+
+    def rollout_logprobs(self) -> list[torch.Tensor]:
+        return [torch.tensor(c.logprobs, dtype=torch.float32) for row in self.completions for c in row]
+
+
+def rollout_metrics(exp: Experience, positive_threshold: float) -> dict[str, float]:
+    """reward/*, groups/*, rollout/* metrics of a graded batch."""
+    rewards, lengths = exp.rewards, exp.lengths.float()
+    positive = rewards >= positive_threshold
+    num_pos = positive.sum(dim=1)
+    k = rewards.shape[1]
+    statuses = [g.status for row in exp.grades for g in row]
+    finished = [c.finish_reason for row in exp.completions for c in row]
+    total = max(len(statuses), 1)
+    return {
+        "reward/mean": rewards.mean().item(),
+        "reward/pass_rate": positive.float().mean().item(),
+        "reward/pass_at_k": (num_pos > 0).float().mean().item(),
+        "reward/no_answer_frac": statuses.count("no_answer") / total,
+        "reward/timeout_frac": statuses.count("timeout") / total,
+        "reward/error_frac": statuses.count("error") / total,
+        "groups/mixed_frac": ((num_pos > 0) & (num_pos < k)).float().mean().item(),
+        "groups/all_correct_frac": (num_pos == k).float().mean().item(),
+        "groups/all_wrong_frac": (num_pos == 0).float().mean().item(),
+        "rollout/response_len_mean": lengths.mean().item(),
+        "rollout/response_len_max": lengths.max().item(),
+        "rollout/truncated_frac": finished.count("length") / total,
+        "rollout/num_sequences": float(total),
+    }

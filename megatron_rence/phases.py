@@ -1,0 +1,138 @@
+"""The phases of one training step (rollout, train, sync), each a function of explicit components.
+
+train.py calls them in the order of DESIGN.md's step diagram; this module holds the glue between
+packages (who generates, who grades, how the batch reaches every rank) so that train.py stays short.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_rence.config import Config
+from megatron_rence.data.prompts import Prompt
+from megatron_rence.experience import Experience, rollout_metrics
+from megatron_rence.rollout.mismatch import mismatch_metrics
+from megatron_rence.rollout.types import SamplingParams
+
+
+def sampling_params(cfg: Config, step: int) -> SamplingParams:
+    """The recipe's sampling parameters with a per-step seed, so a resumed run samples the same rollouts."""
+    r = cfg.rollout
+    return SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                          max_new_tokens=r.max_new_tokens, stop=list(r.stop),
+                          seed=cfg.train.seed * 1_000_003 + step)
+
+
+def engine_layout(cfg: Config, rank: int, world_size: int) -> tuple[Optional[int], int]:
+    """(this rank's engine index or None, number of engines).
+
+    The CPU engine lives on rank 0 alone. SGLang runs one engine per `rollout.sglang.tp` consecutive
+    ranks (one inference TP group), owned by the group's first rank.
+    """
+    if cfg.rollout.engine == "hf":
+        return (0 if rank == 0 else None), 1
+    tp = cfg.rollout.sglang.tp
+    if world_size % tp:
+        raise ValueError(f"rollout.sglang.tp={tp} does not divide the world size {world_size}")
+    return (rank // tp if rank % tp == 0 else None), world_size // tp
+
+
+def _gather_objects(local: list) -> list:
+    """Concatenate each rank's list on every rank (rank order)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return local
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    return [item for part in gathered for item in part]
+
+
+def rollout_phase(prompts: list[Prompt], engine, reward_pool, params: SamplingParams, num_samples: int,
+                  engine_index: int, num_engines: int, positive_threshold: float) -> tuple[Experience, dict]:
+    """Generate K completions per prompt on the engine ranks, grade them there, and share with all ranks.
+
+    Engines split the prompts contiguously (engine i gets slice i of num_engines); ranks without an
+    engine contribute nothing and receive the whole graded batch.
+    """
+    t0 = time.perf_counter()
+    local: list[tuple[int, list, list]] = []
+    reward_s = 0.0
+    if engine is not None:
+        share = [i for i in range(len(prompts)) if i * num_engines // len(prompts) == engine_index]
+        completions = engine.generate([prompts[i].token_ids for i in share], params, num_samples)
+        t1 = time.perf_counter()
+        flat = [c for row in completions for c in row]
+        answers = [prompts[i].answer for i, row in zip(share, completions) for _ in row]
+        grades = reward_pool.grade([c.text for c in flat], answers)
+        reward_s = time.perf_counter() - t1
+        for j, i in enumerate(share):
+            local.append((i, completions[j], grades[j * num_samples:(j + 1) * num_samples]))
+    rows = sorted(_gather_objects(local), key=lambda item: item[0])
+    assert [i for i, _, _ in rows] == list(range(len(prompts))), "every prompt must be generated exactly once"
+    exp = Experience(prompts, [c for _, c, _ in rows], [g for _, _, g in rows])
+    metrics = rollout_metrics(exp, positive_threshold)
+    metrics["perf/reward_s"] = reward_s
+    metrics["perf/rollout_s"] = time.perf_counter() - t0 - reward_s
+    return exp, metrics
+
+
+@dataclass
+class TrainInputs:
+    """What the optimizer steps of one rollout consume; groups are whole and contiguous (K rows each)."""
+
+    sequences: list[tuple[list[int], int]]
+    rewards: torch.Tensor  # [N] shaped rewards of the kept groups
+    old_logprobs: list[torch.Tensor]  # per response token, from the trainer before the update
+    ref_logprobs: Optional[list[torch.Tensor]]
+    group_size: int
+
+
+def train_phase(exp: Experience, trainer, ref_trainer, objective, cfg: Config) -> dict:
+    """prepare groups -> old (and ref) log-probs -> mismatch -> optimizer steps over global batches."""
+    t0 = time.perf_counter()
+    prepared = objective.prepare(exp.rewards, exp.lengths, cfg.rollout.max_new_tokens)
+    metrics = dict(prepared.metrics)
+    kept = exp.select(prepared.keep)
+    metrics["groups/kept_frac"] = len(kept.prompts) / max(len(exp.prompts), 1)
+    if not kept.prompts:
+        metrics["train/skipped"] = 1.0
+        metrics["perf/train_s"] = time.perf_counter() - t0
+        return metrics
+    sequences = kept.sequences()
+    temperature = cfg.rollout.temperature
+    old = trainer.logprobs(sequences, temperature)
+    metrics.update(mismatch_metrics(kept.rollout_logprobs(), old))
+    ref = ref_trainer.logprobs(sequences, temperature) if ref_trainer is not None else None
+    inputs = TrainInputs(sequences, prepared.rewards[prepared.keep].reshape(-1), old, ref, kept.group_size)
+    for key, value in _optimizer_steps(inputs, prepared, objective, trainer, cfg).items():
+        metrics[key] = value
+    metrics["train/skipped"] = 0.0
+    metrics["perf/train_s"] = time.perf_counter() - t0
+    return metrics
+
+
+def _optimizer_steps(inputs: TrainInputs, prepared, objective, trainer, cfg: Config) -> dict:
+    """One optimizer step per `train.global_batch_size` sequences of whole groups; metrics averaged."""
+    k = inputs.group_size
+    groups_per_batch = max(cfg.train.global_batch_size // k, 1)
+    num_groups = len(inputs.sequences) // k
+    sums: dict[str, float] = {}
+    num_steps = 0
+    for g0 in range(0, num_groups, groups_per_batch):
+        rows = slice(g0 * k, min(num_groups, g0 + groups_per_batch) * k)
+        normalizer = objective.normalizer_for(inputs.rewards[rows].reshape(-1, k),
+                                              [len(t) for t in inputs.old_logprobs[rows]])
+        step_metrics = trainer.train_step(
+            inputs.sequences[rows], objective, rewards=inputs.rewards[rows],
+            old_logprobs=inputs.old_logprobs[rows],
+            ref_logprobs=inputs.ref_logprobs[rows] if inputs.ref_logprobs is not None else None,
+            group_size=k, normalizer=normalizer)
+        for key, value in step_metrics.items():
+            sums[key] = sums.get(key, 0.0) + float(value)
+        num_steps += 1
+    out = {key: value / num_steps for key, value in sums.items()}
+    out["train/optimizer_steps"] = float(num_steps)
+    return out
