@@ -1,0 +1,112 @@
+"""Reading record files (jsonl, json, parquet) with locations for error messages, and answer-field helpers."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Iterator
+
+from megatron_rence.rewards.extract import last_boxed
+
+OnMalformed = Callable[[str, str], None]  # (location "file:line", message); raises or counts
+
+
+class MalformedRecord(ValueError):
+    """A record that lacks a field or has a field of the wrong type; the caller adds the location."""
+
+
+def raise_malformed(location: str, message: str) -> None:
+    raise ValueError(f"{location}: {message}")
+
+
+def read_records(path: str | Path, on_malformed: OnMalformed = raise_malformed) -> Iterator[tuple[str, dict]]:
+    """Yield `(location, record)` for each record; location is "file:line" (1-based) for jsonl and
+    "file:row N" / "file:item N" (1-based) for parquet / json lists. Bad JSON or a non-object record goes
+    to `on_malformed` and is skipped if it returns."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        rows = _parquet_rows(path)
+        items = ((f"{path}:row {i}", row) for i, row in enumerate(rows, start=1))
+    elif suffix == ".json":
+        items = _json_items(path)
+    elif suffix == ".jsonl":
+        items = _jsonl_items(path, on_malformed)
+    else:
+        raise ValueError(f"{path}: unsupported file type {suffix!r} (use .jsonl, .json or .parquet)")
+    for location, record in items:
+        if not isinstance(record, dict):
+            on_malformed(location, f"expected a JSON object, got {type(record).__name__}")
+            continue
+        yield location, record
+
+
+def _jsonl_items(path: Path, on_malformed: OnMalformed) -> Iterator[tuple[str, object]]:
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            line = raw.decode("utf-8", errors="replace").strip()
+            if not line:
+                continue
+            try:
+                yield f"{path}:{number}", json.loads(line)
+            except json.JSONDecodeError as exc:
+                on_malformed(f"{path}:{number}", f"invalid JSON: {exc.msg} (column {exc.colno})")
+
+
+def _json_items(path: Path) -> Iterator[tuple[str, object]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8", errors="replace"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+    if isinstance(data, dict):  # {"data": [...]} or {"id": record, ...}
+        data = data.get("data", data.get("examples", list(data.values())))
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of records")
+    return ((f"{path}:item {i}", record) for i, record in enumerate(data, start=1))
+
+
+def _parquet_rows(path: Path) -> list[dict]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError(f"{path}: reading parquet needs pyarrow (pip install 'megatron-rence[parquet]')") from None
+    return pq.read_table(path).to_pylist()
+
+
+def answer_text(value: object, key: str) -> str:
+    """A reference answer as a string: strings as-is, integers and integral floats without ".0"."""
+    if isinstance(value, bool) or value is None:
+        raise MalformedRecord(f"field {key!r} must be a string or a number, got {value!r}")
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else repr(value)
+    if isinstance(value, int):
+        return str(value)
+    if not isinstance(value, str):
+        raise MalformedRecord(f"field {key!r} must be a string or a number, got {type(value).__name__}")
+    return value.strip()
+
+
+def text_field(record: dict, key: str) -> str:
+    """A required string field."""
+    if key not in record:
+        raise MalformedRecord(f"missing field {key!r} (fields: {sorted(record)})")
+    value = record[key]
+    if not isinstance(value, str):
+        raise MalformedRecord(f"field {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def gsm8k_final_answer(text: str) -> str | None:
+    """GSM8K solutions end with "#### 1,234": the part after the last "####", commas removed."""
+    if "####" not in text:
+        return None
+    return text.rsplit("####", 1)[1].strip().replace(",", "")
+
+
+def boxed_answer(solution: str, key: str) -> str:
+    """The last \\boxed{} in a worked solution (MATH, Minerva)."""
+    boxed = last_boxed(solution)
+    if boxed is None:
+        raise MalformedRecord(f"no \\boxed{{}} answer in field {key!r}")
+    return boxed
