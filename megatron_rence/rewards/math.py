@@ -1,0 +1,103 @@
+"""Math answer grading: extract the final answer, then compare it with the reference using math-verify.
+
+`grade` is pure and runs in-process. math-verify bounds its own parsing and comparison with
+`signal.alarm`, which only works in a process's main thread; off the main thread `grade` runs without
+those inner timeouts, so callers that need a hard bound use `rewards.pool.RewardPool` (worker processes,
+deadlines enforced by the parent).
+
+What math-verify accepts as equal (checked in tests/unit/test_rewards_math.py): ``\\frac12`` = 0.5;
+``50\\%`` = 0.5 and also = 50 (percentages are lenient); ``\\{1,2\\}`` = ``\\{2,1\\}`` and "1,2" = "2,1"
+(sets); ``(1,2]`` = ``(1, 2]`` but ``[1,2]`` != ``(1,2)`` (intervals); ``x=3`` = 3 (either side);
+"1,000" = 1000; ``2\\sqrt{2}`` = ``\\sqrt{8}``.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import threading
+from dataclasses import dataclass
+from typing import Literal, Optional, Sequence
+
+from math_verify import parse, verify
+from math_verify.errors import TimeoutException
+
+from megatron_rence.rewards.extract import extract_answer, last_boxed
+
+Status = Literal["ok", "no_answer", "timeout", "error"]
+MAX_ANSWER_CHARS = 1000  # a longer "final answer" is not an answer; grading it could take seconds
+
+
+@dataclass(frozen=True)
+class GradeResult:
+    """`reward` 1.0 (correct) or 0.0; `status` "ok" whenever the comparison ran to completion."""
+
+    reward: float
+    extracted: Optional[str]
+    status: Status
+    detail: str = ""
+
+
+def _as_text(value: str | bytes) -> str:
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
+
+
+def normalize_reference(answer: str) -> str:
+    """Reference answers sometimes come boxed or wrapped in $...$; keep the content only."""
+    answer = answer.strip()
+    boxed = last_boxed(answer)
+    if boxed is not None:
+        answer = boxed
+    return answer.strip().strip("$").strip()
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_reference(answer: str, timeout: Optional[int]) -> tuple:
+    # A rollout batch grades K responses against the same reference: parse it once per worker.
+    return tuple(parse("\\boxed{" + answer + "}", parsing_timeout=timeout, raise_on_error=True))
+
+
+def _inner_timeout(timeout_s: Optional[float]) -> Optional[int]:
+    """math-verify's per-call alarm (whole seconds), or None where signals cannot be used."""
+    if timeout_s is None or threading.current_thread() is not threading.main_thread():
+        return None
+    return max(1, int(timeout_s / 3))  # three guarded calls: reference parse, response parse, comparison
+
+
+def grade(response: str | bytes, answer: str | bytes, fallbacks: Sequence[str] = ("last_number",),
+          timeout_s: Optional[float] = 5.0) -> GradeResult:
+    """Grade one response against the reference answer.
+
+    The response's answer is its last ``\\boxed{}`` / ``\\fbox{}``, else the first of `fallbacks`
+    ("last_number", "answer_is") that finds one. Bytes are decoded as UTF-8 with replacement.
+    """
+    response, answer = _as_text(response), normalize_reference(_as_text(answer))
+    extracted = extract_answer(response, fallbacks)
+    if extracted is None or not extracted.strip():
+        return GradeResult(0.0, extracted, "no_answer")
+    if len(extracted) > MAX_ANSWER_CHARS:
+        return GradeResult(0.0, extracted[:100], "error", f"answer longer than {MAX_ANSWER_CHARS} characters")
+    if extracted.strip() == answer:
+        return GradeResult(1.0, extracted, "ok")
+    timeout = _inner_timeout(timeout_s)
+    try:
+        gold = _parse_reference(answer, timeout)
+        target = parse("\\boxed{" + extracted + "}", parsing_timeout=timeout, raise_on_error=True)
+    except TimeoutException:
+        return GradeResult(0.0, extracted, "timeout", "parsing timed out")
+    except Exception as exc:  # math-verify / sympy / antlr raise anything on odd input
+        return GradeResult(0.0, extracted, "error", f"parse: {type(exc).__name__}: {exc}"[:200])
+    return _compare(list(gold), target, extracted, timeout)
+
+
+def _compare(gold: list, target: list, extracted: str, timeout: Optional[int]) -> GradeResult:
+    """Correct if any (reference, response) parse pair verifies; otherwise say why nothing did."""
+    failure: Optional[GradeResult] = None
+    for g, t in itertools.product(gold, target):
+        try:
+            if verify(g, t, timeout_seconds=timeout, raise_on_error=True):
+                return GradeResult(1.0, extracted, "ok")
+        except TimeoutException:
+            failure = GradeResult(0.0, extracted, "timeout", "comparison timed out")
+        except Exception as exc:
+            failure = failure or GradeResult(0.0, extracted, "error", f"verify: {type(exc).__name__}: {exc}"[:200])
+    return failure or GradeResult(0.0, extracted, "ok")
