@@ -208,6 +208,8 @@ class EvalConfig:
     top_p: float = 0.95
     max_new_tokens: int = 1024
     out_dir: Optional[str] = None  # default: <run_dir>/eval
+    prompts_per_batch: int = 64  # prompts per engine.generate call
+    seed: int = 0  # sampling seed (engines that support per-request seeds)
 
 
 @dataclass
