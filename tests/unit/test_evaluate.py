@@ -1,0 +1,119 @@
+"""Evaluation: pass@k by hand, avg@k / pass@k over a benchmark, reports on disk, rence-eval argument errors.
+
+`ScriptedEngine` is a test double for the rollout engine (the real engines are tested in their own
+package): it returns scripted completions per prompt, so the expected metrics can be computed by hand.
+"""
+import json
+from dataclasses import dataclass
+from math import comb
+
+import pytest
+
+from megatron_rence.config import BenchmarkConfig, DataConfig, EvalConfig, RewardConfig
+from megatron_rence.data.templates import encode_prompt, render_prompt
+from megatron_rence.data.tokenizer import build_synthetic_tokenizer
+from megatron_rence.evaluate import main, pass_at_k, report_ks, summarize
+from megatron_rence.rewards.pool import RewardPool
+
+
+@pytest.mark.parametrize("n,c,k,expected", [
+    (4, 2, 2, 1 - 1 / 6),  # 1 - C(2,2)/C(4,2)
+    (5, 2, 3, 0.9),  # 1 - C(3,3)/C(5,3) = 1 - 1/10
+    (10, 3, 1, 0.3),
+    (16, 0, 8, 0.0),
+    (8, 8, 8, 1.0),
+    (8, 1, 8, 1.0),
+    (3, 1, 2, 2 / 3),  # 1 - C(2,2)/C(3,2)
+])
+def test_pass_at_k_by_hand(n, c, k, expected):
+    assert pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12)
+
+
+def test_pass_at_k_matches_binomials_for_large_n():
+    for n, c, k in [(64, 5, 16), (200, 3, 50), (1000, 10, 100)]:
+        assert pass_at_k(n, c, k) == pytest.approx(1 - comb(n - c, k) / comb(n, k), rel=1e-9)
+
+
+def test_report_ks():
+    assert report_ks(1) == [1] and report_ks(4) == [1, 2, 4] and report_ks(6) == [1, 2, 4, 6]
+
+
+@dataclass
+class FakeCompletion:
+    token_ids: list
+    text: str
+    finish_reason: str = "stop"
+
+
+class ScriptedEngine:
+    """Test double: `script[prompt token ids] = list of k response texts`."""
+
+    def __init__(self, script):
+        self.script = script
+        self.calls = []
+
+    def generate(self, prompts, params, n):
+        self.calls.append((len(prompts), params.temperature, n))
+        out = []
+        for ids in prompts:
+            texts = self.script[tuple(ids)]
+            assert len(texts) == n
+            out.append([FakeCompletion([1] * len(t), t, "length" if t == "" else "stop") for t in texts])
+        return out
+
+
+PROBLEMS = [("p1", "1+1", "2", ["\\boxed{2}", "3", "2", "\\boxed{5}"]),  # 2 of 4 correct
+            ("p2", "2+2", "4", ["1", "", "\\boxed{5}", "7"]),  # 0 of 4
+            ("p3", "3*3", "9", ["9", "\\boxed{9}", "\\boxed{9.0}", "so 9"])]  # 4 of 4
+
+
+def test_evaluate_metrics_and_reports(tmp_path):
+    pytest.importorskip("megatron_rence.rollout.types")
+    from megatron_rence.evaluate import evaluate
+
+    tok = build_synthetic_tokenizer()
+    data_cfg = DataConfig(template="{problem}=")
+    bench = tmp_path / "toy.jsonl"
+    bench.write_text("".join(json.dumps({"id": i, "problem": p, "answer": a}) + "\n" for i, p, a, _ in PROBLEMS))
+    script = {tuple(encode_prompt(render_prompt(p, tok, data_cfg.template), tok, data_cfg.template)): r
+              for _, p, _, r in PROBLEMS}
+    engine = ScriptedEngine(script)
+    eval_cfg = EvalConfig(benchmarks=[BenchmarkConfig(name="toy", path=str(bench))], num_samples=4,
+                          temperature=0.7, prompts_per_batch=2)
+    with RewardPool(RewardConfig(num_workers=0)) as pool:
+        metrics = evaluate(engine, tok, eval_cfg, data_cfg, pool, tmp_path / "eval", step=7)
+    assert engine.calls == [(2, 0.7, 4), (1, 0.7, 4)]
+    assert metrics["eval/toy/avg@4"] == pytest.approx((0.5 + 0 + 1) / 3)
+    assert metrics["eval/toy/pass@1"] == pytest.approx(0.5)
+    assert metrics["eval/toy/pass@2"] == pytest.approx((5 / 6 + 0 + 1) / 3)
+    assert metrics["eval/toy/pass@4"] == pytest.approx(2 / 3)
+    assert metrics["eval/toy/num_problems"] == 3 and metrics["eval/avg@4"] == metrics["eval/toy/avg@4"]
+    assert metrics["eval/toy/truncated_frac"] == pytest.approx(1 / 12)
+    out = tmp_path / "eval" / "step_000007"
+    rows = [json.loads(line) for line in (out / "toy.jsonl").read_text().splitlines()]
+    assert [r["num_correct"] for r in rows] == [2, 0, 4]
+    assert rows[0]["correct"] == [True, False, True, False] and rows[1]["statuses"][1] == "no_answer"
+    table = (out / "results.md").read_text()
+    assert "| toy | 3 | 50.0 | 50.0 | 61.1 | 66.7 |" in table
+    assert json.loads((out / "results.json").read_text())["benchmarks"]["toy"]["pass@4"] == pytest.approx(2 / 3)
+    summary = (tmp_path / "eval" / "summary.jsonl").read_text().splitlines()
+    assert len(summary) == 1 and json.loads(summary[0])["step"] == 7
+
+
+def test_summarize_single_sample():
+    results = [{"num_correct": 1, "response_lens": [3], "finish_reasons": ["stop"]},
+               {"num_correct": 0, "response_lens": [5], "finish_reasons": ["length"]}]
+    s = summarize(results, 1)
+    assert s["avg@1"] == s["pass@1"] == 0.5 and s["response_len_mean"] == 4 and s["truncated_frac"] == 0.5
+
+
+def test_rence_eval_argument_errors(tmp_path, capsys):
+    recipe = "recipes/demo_cpu.yaml"
+    assert main([recipe]) == 2
+    assert "--hf-dir is required" in capsys.readouterr().err
+    assert main([recipe, "--checkpoint", str(tmp_path)]) == 2
+    assert "export_megatron_to_hf" in capsys.readouterr().err
+    assert main([recipe, "--hf-dir", str(tmp_path)]) == 2
+    assert "needs config.json and *.safetensors" in capsys.readouterr().err
+    assert main([recipe, "--bench", "oops"]) == 2
+    assert "NAME=PATH" in capsys.readouterr().err
