@@ -76,6 +76,7 @@ class SyntheticTaskConfig:
 class DataConfig:
     source: Literal["file", "synthetic"] = "synthetic"
     train_path: Optional[str] = None  # jsonl or parquet
+    extra_train_paths: list[str] = field(default_factory=list)  # more files mixed in (e.g. DAPO-Math + MATH)
     problem_key: str = "problem"
     answer_key: str = "answer"
     id_key: Optional[str] = None

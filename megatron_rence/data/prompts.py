@@ -7,6 +7,7 @@ File layouts recognised per record (first match wins):
   3. MATH: `problem` + `solution` without an answer field -> the last \\boxed{} of the solution;
   4. DAPO-Math-17k: `prompt` (a list of chat messages; the last user message is the problem, DAPO's own
      instruction text included) + `reward_model.ground_truth`.
+`data.extra_train_paths` are read after `data.train_path` into one dataset (layouts may differ per record).
 Ids come from `data.id_key`, else an `id` / `unique_id` field, else "file:line". Answers may be strings or
 numbers; anything else, a missing field, bad JSON or a non-string problem is a ValueError naming the file
 and line, or, with `data.skip_malformed`, skipped and counted. Prompts longer than `data.max_prompt_len`
@@ -93,12 +94,13 @@ class PromptDataset:
         if not self.cfg.train_path:
             raise ValueError("data.train_path: data.source=file needs a jsonl or parquet file")
         raw = []
-        for location, record in read_records(self.cfg.train_path, self._on_malformed):
-            try:
-                problem, answer = problem_and_answer(record, self.cfg.problem_key, self.cfg.answer_key)
-                raw.append((_record_id(record, self.cfg.id_key, location), problem, answer))
-            except MalformedRecord as exc:
-                self._on_malformed(location, str(exc))
+        for path in [self.cfg.train_path, *self.cfg.extra_train_paths]:
+            for location, record in read_records(path, self._on_malformed):
+                try:
+                    problem, answer = problem_and_answer(record, self.cfg.problem_key, self.cfg.answer_key)
+                    raw.append((_record_id(record, self.cfg.id_key, location), problem, answer))
+                except MalformedRecord as exc:
+                    self._on_malformed(location, str(exc))
         return raw
 
     def _on_malformed(self, location: str, message: str) -> None:

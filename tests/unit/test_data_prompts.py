@@ -109,3 +109,14 @@ def test_resume_from_cursor_gives_identical_sequence(tok):
     assert [p.id for p in resumed.next_batch(25)] == expected
     with pytest.raises(ValueError, match="resume state"):
         PromptDataset(synthetic_cfg(seed=3, num_problems=11), tok).load_state_dict(state)
+
+
+def test_mixed_files_with_different_layouts(tok, tmp_path):
+    dapo = write_jsonl(tmp_path / "dapo.jsonl", [
+        {"prompt": [{"role": "user", "content": "1+2"}], "reward_model": {"ground_truth": "3"}}])
+    math = write_jsonl(tmp_path / "math.jsonl", [{"problem": "2*3", "solution": "so \\boxed{6}"}])
+    cfg = DataConfig(source="file", train_path=str(dapo), extra_train_paths=[str(math)], template="{problem}=",
+                     shuffle=False)
+    ds = PromptDataset(cfg, tok)
+    assert [(p.id, p.problem, p.answer) for p in ds.next_batch(2)] == [("dapo.jsonl:1", "1+2", "3"),
+                                                                      ("math.jsonl:1", "2*3", "6")]
