@@ -1,0 +1,196 @@
+"""`rence-plan RECIPE [overrides] --nodes N --gpus-per-node G`: check a layout and its per-GPU memory before a launch.
+
+Runs on CPU in a second. Exit status: 0 when the layout is valid and fits, 1 when it does not fit in GPU
+memory, 2 when the recipe or the layout is invalid; the reason goes to stderr. The memory model is
+documented in ``megatron_rence/planning/memory.py``; the layout rules in ``planning/layout.py``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from megatron_rence.cli import handle_info_flags, load_or_exit, recipe_parser
+from megatron_rence.config import Config
+from megatron_rence.planning.layout import Layout, check_layout
+from megatron_rence.planning.memory import GiB, PHASES, Hardware, MemoryPlan, memory_plan
+
+
+@dataclass
+class PlanReport:
+    cfg: Config  # with the architecture resolved from model.hf_path when readable
+    hw: Hardware
+    layout: Layout
+    memory: Optional[MemoryPlan]
+    vocab_size: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def problems(self) -> list[str]:
+        """Why the run would not start or not fit (empty when it is good to go)."""
+        if self.layout.errors:
+            return list(self.layout.errors)
+        return _memory_problems(self.memory) if self.memory is not None else []
+
+    @property
+    def exit_code(self) -> int:
+        return 2 if self.layout.errors else (1 if self.problems else 0)
+
+
+def resolve_model(cfg: Config) -> tuple[Config, list[str]]:
+    """Fill the architecture from model.hf_path's config.json when it is readable here; notes say what was used."""
+    m = cfg.model
+    if m.hf_path is None:
+        return cfg, []
+    if not (Path(m.hf_path) / "config.json").is_file():
+        return cfg, [f"model.hf_path={m.hf_path} is not readable here: planning with the recipe's architecture "
+                     f"fields (keep them equal to its config.json)"]
+    from megatron_rence.weights.hf_config import model_config_from_hf
+
+    fields = model_config_from_hf(m.hf_path)
+    return dataclasses.replace(cfg, model=dataclasses.replace(m, **fields)), [f"architecture from {m.hf_path}"]
+
+
+def resolve_vocab_size(cfg: Config) -> int:
+    """model.vocab_size, or the tokenizer's size when it is 0 and the tokenizer can be built or read here."""
+    m = cfg.model
+    if m.vocab_size > 0:
+        return m.vocab_size
+    if m.tokenizer != "synthetic" and not Path(m.tokenizer).is_dir():
+        return 0
+    from megatron_rence.data.tokenizer import load_tokenizer
+
+    return len(load_tokenizer(m))
+
+
+def plan(cfg: Config, hw: Hardware) -> PlanReport:
+    """Layout checks and (when the layout is valid) the memory plan for `cfg` on `hw`."""
+    cfg, notes = resolve_model(cfg)
+    on_cpu = cfg.train.device == "cpu"
+    vocab = resolve_vocab_size(cfg)
+    layout = check_layout(cfg, hw, vocab, on_cpu)
+    memory = None
+    if not layout.errors:
+        memory = memory_plan(cfg, hw, vocab, layout.dp, layout.num_microbatches, on_cpu=on_cpu)
+    if cfg.train.device == "auto":
+        notes.append("train.device=auto: planned for GPUs")
+    return PlanReport(cfg, hw, layout, memory, vocab, notes)
+
+
+def _memory_problems(mem: MemoryPlan) -> list[str]:
+    problems = []
+    e = mem.engine
+    if e.kind == "sglang" and e.kv_bytes <= 0:
+        problems.append(f"rollout.sglang.mem_fraction_static: the engine's weights ({e.weights_bytes / GiB:.1f} GiB "
+                        f"per GPU at rollout.sglang.tp={e.tp}) leave no room for a KV cache in its static pool; "
+                        f"raise rollout.sglang.tp or mem_fraction_static")
+    worst = mem.worst
+    if worst.peak > mem.gpu_bytes:
+        phase = worst.peak_phase
+        top = sorted((i for i in worst.items if phase in i.phases), key=lambda i: -i.bytes)[:4]
+        parts = ", ".join(f"{i.name} {i.bytes / GiB:.1f}" for i in top)
+        problems.append(f"does not fit: pipeline stage {worst.stage} needs {worst.peak / GiB:.1f} GiB per GPU in the "
+                        f"{phase} phase > {mem.gpu_bytes / GiB:.0f} GiB (largest: {parts} GiB); try larger "
+                        f"parallel.tp/pp, parallel.distributed_optimizer, parallel.recompute=full, a smaller "
+                        f"train.micro_batch_size or rollout.sglang.mem_fraction_static")
+    return problems
+
+
+def render(report: PlanReport, recipe: str) -> str:
+    cfg, hw, lay, mem = report.cfg, report.hw, report.layout, report.memory
+    p, t = cfg.parallel, cfg.train
+    lines = [f"rence-plan: {recipe} on {hw.nodes} node(s) x {hw.gpus_per_node} GPU(s) (world {hw.world_size}), "
+             f"{hw.gpu_mem_gb:g} GiB per GPU"]
+    lines += [f"note      {n}" for n in report.notes]
+    if mem is not None:
+        mp = mem.params
+        lines.append(f"model     {cfg.model.arch}: {mp.total:,} params = {_count(mp.total)} (embedding "
+                     f"{_count(mp.embedding)}, {mp.num_layers} layers x {_count(mp.layer.total)}, output "
+                     f"{_count(mp.output) if mp.output else 'tied'}); vocab {report.vocab_size} -> "
+                     f"{mem.padded_vocab} padded")
+        lines.append(f"layout    tp={p.tp} pp={p.pp} cp={p.cp} vpp={p.vpp or '-'} dp={lay.dp} "
+                     f"sp={'on' if p.sequence_parallel else 'off'} recompute={p.recompute} "
+                     f"dist-opt={'on' if p.distributed_optimizer else 'off'}; {lay.num_microbatches} microbatches x "
+                     f"{t.micro_batch_size} seqs, {mem.tokens_per_microbatch} tokens per microbatch per GPU")
+        e = mem.engine
+        engine = f"engine    {e.kind} tp={e.tp}, {e.num_engines} engine(s), {e.sequences_per_engine} sequences each"
+        if e.kind == "sglang" and e.kv_bytes > 0:
+            engine += (f"; KV cache {e.kv_bytes / GiB:.2f} GiB/GPU = {e.kv_tokens:,} tokens "
+                       f"({e.kv_tokens // t.max_seq_len} sequences of {t.max_seq_len})")
+        lines.append(engine)
+        lines.extend(_table(mem))
+    lines += [f"warning   {w}" for w in lay.warnings]
+    problems = report.problems
+    lines += [f"error     {msg}" for msg in problems]
+    if not problems:
+        lines.append(f"ok        fits: peak {mem.worst.peak / GiB:.1f} GiB of {hw.gpu_mem_gb:g} GiB "
+                     f"({mem.worst.peak_phase} phase, pipeline stage {mem.worst.stage})")
+    return "\n".join(lines)
+
+
+def _count(n: float) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return str(int(n))
+
+
+def _table(mem: MemoryPlan) -> list[str]:
+    worst = mem.worst
+    rows = [f"memory    per GPU in GiB, pipeline stage {worst.stage} of {len(mem.stages)} (the worst)",
+            f"  {'item':<26}{'rollout':>9}{'train':>9}{'sync':>9}  note"]
+    for item in worst.items:
+        cells = "".join(f"{item.bytes / GiB:>9.2f}" if ph in item.phases else f"{'-':>9}" for ph in PHASES)
+        rows.append(f"  {item.name:<26}{cells}  {item.note}")
+    rows.append(f"  {'total':<26}" + "".join(f"{worst.totals[ph] / GiB:>9.2f}" for ph in PHASES))
+    return rows
+
+
+def to_json(report: PlanReport) -> dict:
+    mem = report.memory
+    out = {"world_size": report.layout.world_size, "dp": report.layout.dp,
+           "num_microbatches": report.layout.num_microbatches, "errors": report.layout.errors,
+           "warnings": report.layout.warnings, "problems": report.problems, "notes": report.notes}
+    if mem is not None:
+        worst = mem.worst
+        out.update(num_params=mem.params.total, padded_vocab=mem.padded_vocab, fits=not report.problems,
+                   peak_gib=worst.peak / GiB, peak_phase=worst.peak_phase, worst_stage=worst.stage,
+                   kv_tokens=mem.engine.kv_tokens,
+                   items={i.name: i.bytes / GiB for i in worst.items},
+                   totals_gib={ph: worst.totals[ph] / GiB for ph in PHASES})
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = recipe_parser("rence-plan", "Check a recipe's parallel layout on a cluster and print per-GPU memory.")
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--gpu-mem-gb", type=float, default=80.0, help="GiB per GPU (default 80: H100 SXM)")
+    parser.add_argument("--reserve-gb", type=float, default=6.0,
+                        help="GiB per GPU kept free in every phase: CUDA contexts, NCCL, CUDA graphs, fragmentation")
+    parser.add_argument("--grad-dtype", choices=("fp32", "bf16"), default="fp32",
+                        help="megatron main-grad buffer dtype (fp32 = grad_reduce_in_fp32)")
+    parser.add_argument("--unfused-attention", action="store_true",
+                        help="count the s^2 softmax activations (no flash/fused attention)")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    args = parser.parse_intermixed_args(argv)
+    cfg = load_or_exit(args)
+    if handle_info_flags(args, cfg):
+        return 0
+    hw = Hardware(nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu_mem_gb=args.gpu_mem_gb,
+                  reserve_gb=args.reserve_gb, grad_dtype=args.grad_dtype, flash_attention=not args.unfused_attention)
+    report = plan(cfg, hw)
+    if args.json:
+        print(json.dumps(to_json(report), indent=2))
+    else:
+        print(render(report, args.recipe))
+    for msg in report.problems:
+        print(f"error: {msg}", file=sys.stderr)
+    return report.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""Per-GPU memory of a colocated run: trainer states, activations, the rollout engine, per phase and at the peak.
+
+The model (all figures are per GPU, for the worst pipeline stage; 1 GiB = 2**30 bytes):
+
+  trainer, resident in every phase
+    weights      params_on_rank * dtype bytes (bf16/fp16: 2, fp32: 4)
+    gradients    params_on_rank * grad bytes (megatron's fp32 main-grad buffer by default; --grad-dtype bf16)
+    optimizer    Adam: fp32 master copy (when weights are 16-bit) + exp_avg + exp_avg_sq = 12 (or 8) bytes per
+                 param; the distributed optimizer shards them over the data-parallel group with context
+                 parallel (dp * cp); table "distributed optimizer" in megatron's docs: 6 + 12/d for bf16
+    reference    a second copy of the weights when the objective needs a reference policy (KL, online DPO)
+    fp8 cache    FP8 training keeps FP8 copies (and transposes) of linear weights: 2 bytes per linear param
+  trainer, training phase only
+    activations  ``activations.stage_activation_bytes`` (Korthikanti et al. 2022 per layer, pipeline in-flight)
+    log-probs    last stage: output-layer logits [tokens, V/tp] and their gradient (16-bit each) plus one fp32
+                 working chunk of at most 256 MiB (``megatron.logprobs``), plus the final-norm/output inputs
+  engine (SGLang, colocated at rollout.sglang.tp)
+    static pool  mem_fraction_static * GPU memory, SGLang's own definition: engine weights + KV cache
+    weights      params * 2 bytes / engine tp (linear weights at 1 byte with rollout.sglang.fp8_weights)
+    KV cache     static pool - engine weights; tokens = KV bytes / (2 * layers * kv_heads_per_rank * head_dim * 2)
+    released     with rollout.sglang.enable_memory_saver the engine frees weights and KV during training and
+                 weight sync (torch_memory_saver); without it the whole static pool stays
+  reserve        --reserve-gb in every phase: CUDA contexts of both processes, NCCL buffers, SGLang's CUDA
+                 graphs and forward activations, allocator fragmentation
+
+  phases: rollout = resident + engine static pool + reserve
+          train   = resident + activations + log-probs + (static pool if not released) + reserve
+          sync    = resident + engine weights + 2 * weights.bucket_bytes + (KV if not released) + reserve
+  peak = max over phases; the run fits when peak <= GPU memory.
+
+With the transformers engine (CPU runs) the engine holds a full copy of the weights and a KV cache that
+grows with its share of the step's sequences (no static pool, nothing released).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from megatron_rence.config import Config
+from megatron_rence.planning.activations import layer_activation, stage_activation_bytes
+from megatron_rence.planning.params import ModelParams, layer_params, model_params, padded_vocab_size, stage_params
+
+GiB = 1024 ** 3
+LOGPROB_CHUNK_BYTES = 256 * 1024 * 1024  # megatron.logprobs.DEFAULT_CHUNK_BYTES (tests keep them equal)
+PHASES = ("rollout", "train", "sync")
+_DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What the planner is told about the cluster and the assumptions it cannot read from the recipe."""
+
+    nodes: int = 1
+    gpus_per_node: int = 8
+    gpu_mem_gb: float = 80.0  # GiB per GPU
+    reserve_gb: float = 6.0  # GiB per GPU kept out of every phase
+    grad_dtype: Literal["fp32", "bf16"] = "fp32"
+    flash_attention: bool = True
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+@dataclass(frozen=True)
+class Item:
+    name: str
+    bytes: float
+    phases: tuple[str, ...]
+    note: str = ""
+
+
+@dataclass
+class EngineInfo:
+    """The rollout engine's share of the GPU and what its KV cache holds."""
+
+    kind: str
+    tp: int
+    num_engines: int
+    weights_bytes: float
+    kv_bytes: float
+    kv_bytes_per_token: float  # per GPU of the engine
+    sequences_per_engine: int
+    model_bytes: float  # the whole model in the engine's dtype (what one full weight sync moves)
+
+    @property
+    def kv_tokens(self) -> int:
+        return int(self.kv_bytes // self.kv_bytes_per_token) if self.kv_bytes > 0 else 0
+
+
+@dataclass
+class StageMemory:
+    stage: int
+    items: list[Item]
+    totals: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.totals = {ph: sum(i.bytes for i in self.items if ph in i.phases) for ph in PHASES}
+
+    @property
+    def peak_phase(self) -> str:
+        return max(PHASES, key=lambda ph: self.totals[ph])
+
+    @property
+    def peak(self) -> float:
+        return self.totals[self.peak_phase]
+
+
+@dataclass
+class MemoryPlan:
+    params: ModelParams
+    padded_vocab: int
+    tokens_per_microbatch: int  # per rank
+    engine: EngineInfo
+    stages: list[StageMemory]
+    gpu_bytes: float
+
+    @property
+    def worst(self) -> StageMemory:
+        return max(self.stages, key=lambda s: s.peak)
+
+    @property
+    def fits(self) -> bool:
+        return self.worst.peak <= self.gpu_bytes and self.engine.kv_bytes > 0
+
+
+def needs_reference(cfg: Config) -> bool:
+    o = cfg.objective
+    return o.kl_coef > 0 or o.kl_target is not None or o.name == "online_dpo"
+
+
+def padded_seq_len(cfg: Config) -> int:
+    """train.max_seq_len rounded up to the packer's multiple (SP: tp; CP: 2*cp; FP8: 16)."""
+    p, multiple = cfg.parallel, 1
+    if p.sequence_parallel and p.tp > 1:
+        multiple = math.lcm(multiple, p.tp)
+    if p.cp > 1:
+        multiple = math.lcm(multiple, 2 * p.cp)
+    if cfg.model.fp8 is not None:
+        multiple = math.lcm(multiple, 16)
+    return -(-cfg.train.max_seq_len // multiple) * multiple
+
+
+def engine_info(cfg: Config, hw: Hardware, params: ModelParams, on_cpu: bool) -> EngineInfo:
+    m, r = cfg.model, cfg.rollout
+    sequences = r.prompts_per_step * r.num_samples
+    if r.engine == "hf":  # one transformers engine per rank, full weights, KV grows with its sequences
+        act = 4 if on_cpu else _DTYPE_BYTES[m.dtype]
+        per_token = 2 * m.num_layers * m.num_query_groups * m.head_dim * act
+        share = -(-sequences // hw.world_size)
+        return EngineInfo("hf", 1, hw.world_size, params.total * act, share * cfg.train.max_seq_len * per_token,
+                          per_token, share, params.total * act)
+    tp = r.sglang.tp
+    linear_bytes = 1 if r.sglang.fp8_weights else 2
+    weights = ((params.total - params.linear) * 2 + params.linear * linear_bytes) / tp
+    kv_heads = max(1, m.num_query_groups // tp)  # SGLang replicates KV heads when tp > groups
+    per_token = 2 * m.num_layers * kv_heads * m.head_dim * 2
+    kv = r.sglang.mem_fraction_static * hw.gpu_mem_gb * GiB - weights
+    engines = hw.world_size // tp
+    return EngineInfo("sglang", tp, engines, weights, kv, per_token, -(-sequences // engines), weights * tp)
+
+
+def memory_plan(cfg: Config, hw: Hardware, vocab_size: int, dp: int, num_microbatches: int,
+                on_cpu: bool = False) -> MemoryPlan:
+    """Per-stage memory items; `dp` and `num_microbatches` come from the layout checks."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    params = model_params(m, vocab_size)
+    padded = padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by, p.tp)
+    dtype_bytes = 4 if on_cpu else _DTYPE_BYTES[m.dtype]
+    tokens = t.micro_batch_size * padded_seq_len(cfg) // p.cp
+    layer = layer_activation(m, p.tp, p.sequence_parallel, padded_seq_len(cfg), act_bytes=dtype_bytes,
+                             flash=hw.flash_attention and not on_cpu)
+    engine = engine_info(cfg, hw, params, on_cpu)
+    stages = []
+    for sp in stage_params(m, p, vocab_size):
+        items = _trainer_items(cfg, hw, sp.params, dp, dtype_bytes, on_cpu)
+        acts = stage_activation_bytes(m, p, sp.stage, num_microbatches, tokens, layer)
+        items.append(Item("activations", acts, ("train",),
+                          f"recompute={p.recompute}, {tokens} tokens/microbatch"))
+        if sp.has_output:
+            items.append(Item("log-probs (logits)", _logits_bytes(tokens, padded // p.tp, m.hidden_size, p,
+                                                                  dtype_bytes), ("train",),
+                              f"[{tokens}, {padded // p.tp}] logits + grad + fp32 chunk"))
+        items.extend(_engine_items(cfg, engine))
+        items.append(Item("reserve", hw.reserve_gb * GiB, PHASES, "CUDA contexts, NCCL, CUDA graphs, fragmentation"))
+        stages.append(StageMemory(sp.stage, items))
+    return MemoryPlan(params, padded, tokens, engine, stages, hw.gpu_mem_gb * GiB)
+
+
+def _trainer_items(cfg: Config, hw: Hardware, n: int, dp: int, dtype_bytes: int, on_cpu: bool) -> list[Item]:
+    m, p = cfg.model, cfg.parallel
+    grad_bytes = 4 if (on_cpu or hw.grad_dtype == "fp32") else 2
+    opt_bytes = 8 if dtype_bytes == 4 else 12
+    shard = dp * p.cp if p.distributed_optimizer else 1
+    items = [
+        Item("weights", n * dtype_bytes, PHASES, f"{n / 1e9:.3f} B params on this GPU"),
+        Item("gradients", n * grad_bytes, PHASES, "fp32 main grads" if grad_bytes == 4 else "bf16 grads"),
+        Item("optimizer", n * opt_bytes / shard, PHASES,
+             f"Adam {opt_bytes} B/param" + (f", sharded over dp*cp={shard}" if shard > 1 else "")),
+    ]
+    if needs_reference(cfg):
+        items.append(Item("reference weights", n * dtype_bytes, PHASES, "reference policy kept on the GPU"))
+    if m.fp8 is not None and not on_cpu:
+        lp = layer_params(m)
+        linear = (m.num_layers // p.pp) * (lp.attention + lp.mlp) // p.tp  # the layers' GEMM weights on this rank
+        items.append(Item("fp8 weight cache", linear * 2, PHASES, "FP8 copy + transpose of linear weights"))
+    return items
+
+
+def _logits_bytes(tokens: int, vocab_per_rank: int, hidden: int, p, act_bytes: int) -> float:
+    logits = tokens * vocab_per_rank * act_bytes
+    chunk = min(LOGPROB_CHUNK_BYTES, tokens * vocab_per_rank * 4)
+    head_inputs = 2 * tokens * hidden * act_bytes / (p.tp if p.sequence_parallel else 1)
+    return 2 * logits + chunk + head_inputs
+
+
+def _engine_items(cfg: Config, e: EngineInfo) -> list[Item]:
+    bucket = min(cfg.weights.bucket_bytes, e.model_bytes)  # a bucket never holds more than the whole model
+    buckets = Item("weight-sync buckets", 2 * bucket, ("sync",), "gathered bucket + engine copy")
+    if e.kind == "hf":
+        return [Item("engine weights (hf)", e.weights_bytes, PHASES, "full model per rank, never released"),
+                Item("engine KV cache (hf)", e.kv_bytes, ("rollout",),
+                     f"{e.sequences_per_engine} sequences x max_seq_len"), buckets]
+    released = cfg.rollout.sglang.enable_memory_saver
+    return [
+        Item("engine weights", e.weights_bytes, ("rollout", "sync") if released else PHASES,
+             f"sglang tp={e.tp}" + (", fp8" if cfg.rollout.sglang.fp8_weights else "")),
+        Item("engine KV cache", max(e.kv_bytes, 0.0), ("rollout",) if released else PHASES,
+             f"mem_fraction_static={cfg.rollout.sglang.mem_fraction_static} minus engine weights"),
+        buckets,
+    ]
