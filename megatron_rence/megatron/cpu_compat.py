@@ -11,7 +11,9 @@ megatron-core assumes CUDA in a few dozen places (DESIGN.md, "Facts about the st
   factories map a CUDA device to the CPU (and drop ``pin_memory``); the rest of torch is untouched;
 * the CUDA RNG-states tracker is replaced by one with the same API over the CPU generator, so
   ``model_parallel_cuda_manual_seed`` and activation recomputation work;
-* gradient clipping's ``assert grad.type() == 'torch.cuda.FloatTensor'`` is replaced by a CPU version.
+* gradient clipping's ``assert grad.type() == 'torch.cuda.FloatTensor'`` is replaced by a CPU version;
+* ``LanguageModule.setup_embeddings_and_output_layer`` (tied embeddings under PP) runs with
+  ``Tensor.cuda()`` as the identity.
 
 ``apply()`` is a no-op when ``torch.cuda.is_available()``. The model config needs CPU settings as well:
 see ``cpu_config_overrides()``.
@@ -160,6 +162,21 @@ def clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled
             grad.detach().mul_(clip_coeff)
 
 
+def _without_cuda_copies(fn: Callable) -> Callable:
+    """Run `fn` with `Tensor.cuda()` returning the tensor itself (for methods that move weights to the GPU)."""
+
+    def wrapper(*args, **kwargs):
+        original = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda self, *a, **k: self
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.Tensor.cuda = original
+
+    wrapper.__wrapped__ = fn
+    return wrapper
+
+
 def _patch(owner, name: str, value) -> None:
     _patches.append((owner, name, getattr(owner, name, _MISSING)))
     setattr(owner, name, value)
@@ -193,6 +210,11 @@ def apply(force: bool = False) -> bool:
     # A tracker created before apply() is a CUDA one: drop it so the next seeding builds a CPU one.
     _patch(random, "_CUDA_RNG_STATE_TRACKER", None)
     _patch(random, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", False)
+
+    # tied embeddings under PP: `weight.data.cuda()` before the first/last-stage all-reduce
+    language_module = importlib.import_module("megatron.core.models.common.language_module.language_module")
+    owner = language_module.LanguageModule
+    _patch(owner, "setup_embeddings_and_output_layer", _without_cuda_copies(owner.setup_embeddings_and_output_layer))
 
     for name in _CLIP_MODULES:
         module = _import(name)

@@ -153,20 +153,17 @@ def vocab_parallel_entropy(logits: torch.Tensor, tp_group=None, temperature: flo
     return entropy.view(logits.shape[:-1])
 
 
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over a group; backward sums the gradients too, so per-rank copies of one loss add up correctly."""
+class _AllReduceSumLocalGrad(torch.autograd.Function):
+    """Sum over a group in forward; backward passes the gradient straight to the local partial sum."""
 
     @staticmethod
     def forward(ctx, tensor, group):
-        ctx.group = group
         out = tensor.clone()
         dist.all_reduce(out, group=group)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad, group=ctx.group)
         return grad, None
 
 
@@ -178,9 +175,9 @@ def sequence_logprobs(token_logprobs: torch.Tensor, mask: torch.Tensor, length_n
     Padded layout: token_logprobs, mask [B, S] -> [B]. Packed (THD) layout: token_logprobs, mask [T] (or
     [1, T]) with seq_index [T] (sequence of each token, -1 for padding) and num_sequences -> [N].
     Under context parallelism each rank holds part of every sequence: the partial sums are added over
-    `cp_group` with a differentiable all-reduce whose backward also sums, so the gradient of a loss that
-    every CP rank computes identically comes out cp times on each rank; averaging gradients over the
-    data x context parallel group (what megatron's DDP does) then yields exactly the gradient of the loss.
+    `cp_group`, and each rank backpropagates only through its own partial sum. That is megatron's CP
+    convention: the schedule multiplies a (loss, metrics) loss by the CP size and DDP averages gradients
+    over data x context parallel ranks, which together give exactly the gradient of the loss.
     """
     masked = token_logprobs * mask.to(token_logprobs.dtype)
     if seq_index is None:
@@ -194,7 +191,7 @@ def sequence_logprobs(token_logprobs: torch.Tensor, mask: torch.Tensor, length_n
         counts = torch.zeros(num_sequences, dtype=torch.float32, device=mask.device).index_add(
             0, index[keep], mask.reshape(-1)[keep].to(torch.float32))
     if _group_size(cp_group) > 1:
-        sums = _AllReduceSum.apply(sums, cp_group)
+        sums = _AllReduceSumLocalGrad.apply(sums, cp_group)
         dist.all_reduce(counts, group=cp_group)
     if length_normalize:
         return sums / counts.clamp(min=1.0)

@@ -51,8 +51,8 @@ def transformer_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, use
         tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=p.pp,
         virtual_pipeline_model_parallel_size=p.vpp, context_parallel_size=p.cp,
         sequence_parallel=p.sequence_parallel, pipeline_dtype=dtype,
-        # microbatches differ in length; megatron rejects this flag with the (unused) allgather MoE dispatcher
-        variable_seq_lengths=True, moe_token_dispatcher_type="alltoall",
+        # p2p buffers take the schedule's seq_length: pad every microbatch of one call to the same length
+        # (variable_seq_lengths adds a shape handshake that deadlocks interleaved pp=2 over gloo)
         params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         attention_softmax_in_fp32=True, **_recompute_fields(p),
     )
