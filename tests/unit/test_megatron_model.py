@@ -1,0 +1,129 @@
+"""build_model: Llama / Qwen2 / Qwen3 variants give the logits of the transformers model with the same weights.
+
+The Megatron -> HF weight layout here is a small test-side mapping (the product's mapping lives in
+weights/mapping); it encodes DESIGN.md's layout facts: QKV interleaved per query group, fc1 = [gate; up].
+"""
+import pytest
+import torch
+import transformers
+
+from megatron_rence.config import ModelConfig, ParallelConfig
+from megatron_rence.megatron import cpu_compat, parallel
+from megatron_rence.megatron.model import build_model, padded_vocab_size, transformer_config
+
+VOCAB = 90
+COMMON = dict(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, num_query_groups=2,
+              max_position_embeddings=64, make_vocab_size_divisible_by=16, dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    was_applied = cpu_compat.is_applied()
+    state = parallel.initialize(ParallelConfig(), seed=3)
+    yield state
+    parallel.destroy()
+    if not was_applied:
+        cpu_compat.restore()
+
+
+def _hf_model(arch: str, cfg: ModelConfig):
+    kwargs = dict(vocab_size=VOCAB, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
+                  num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
+                  num_key_value_heads=cfg.num_query_groups, head_dim=cfg.head_dim, rms_norm_eps=cfg.norm_epsilon,
+                  max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=cfg.tie_word_embeddings)
+    rope = {"rope_type": "default", "rope_theta": cfg.rotary_base}
+    if cfg.rope_scaling:
+        rope = {"rope_type": "llama3", "rope_theta": cfg.rotary_base, "factor": cfg.rope_scaling_factor,
+                "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    classes = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+               "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+               "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)}
+    config_cls, model_cls = classes[arch]
+    return model_cls(config_cls(rope_parameters=rope, **kwargs)).eval()
+
+
+def _to_hf(mg: dict, cfg: ModelConfig) -> dict:
+    hd, groups = cfg.head_dim, cfg.num_query_groups
+    per_group = cfg.num_attention_heads // groups
+    out = {"model.embed_tokens.weight": mg["embedding.word_embeddings.weight"][:VOCAB],
+           "model.norm.weight": mg["decoder.final_layernorm.weight"]}
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = mg["output_layer.weight"][:VOCAB]
+    for i in range(cfg.num_layers):
+        src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
+        out[dst + "input_layernorm.weight"] = mg[src + "input_layernorm.weight"]
+        out[dst + "post_attention_layernorm.weight"] = mg[src + "pre_mlp_layernorm.weight"]
+        for kind in ("weight", "bias") if cfg.add_qkv_bias else ("weight",):
+            qkv = mg[src + f"self_attention.linear_qkv.{kind}"]
+            qkv = qkv.view(groups, per_group + 2, hd, *qkv.shape[1:])
+            out[dst + f"self_attn.q_proj.{kind}"] = qkv[:, :per_group].reshape(-1, *qkv.shape[3:])
+            out[dst + f"self_attn.k_proj.{kind}"] = qkv[:, per_group].reshape(-1, *qkv.shape[3:])
+            out[dst + f"self_attn.v_proj.{kind}"] = qkv[:, per_group + 1].reshape(-1, *qkv.shape[3:])
+        if cfg.qk_layernorm:
+            out[dst + "self_attn.q_norm.weight"] = mg[src + "self_attention.q_layernorm.weight"]
+            out[dst + "self_attn.k_norm.weight"] = mg[src + "self_attention.k_layernorm.weight"]
+        out[dst + "self_attn.o_proj.weight"] = mg[src + "self_attention.linear_proj.weight"]
+        gate, up = mg[src + "mlp.linear_fc1.weight"].chunk(2)
+        out[dst + "mlp.gate_proj.weight"], out[dst + "mlp.up_proj.weight"] = gate, up
+        out[dst + "mlp.down_proj.weight"] = mg[src + "mlp.linear_fc2.weight"]
+    return out
+
+
+VARIANTS = {
+    "llama3.1": ("llama", ModelConfig(arch="llama", rotary_base=10000.0, rope_scaling=True, **COMMON)),
+    "qwen2.5": ("qwen2", ModelConfig(arch="qwen2", rotary_base=1e6, add_qkv_bias=True, norm_epsilon=1e-6,
+                                     tie_word_embeddings=True, **COMMON)),
+    "qwen3": ("qwen3", ModelConfig(arch="qwen3", rotary_base=1e6, qk_layernorm=True, kv_channels=32,
+                                   norm_epsilon=1e-6, tie_word_embeddings=True, **COMMON)),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_logits_match_transformers(single_process, variant):
+    arch, cfg = VARIANTS[variant]
+    model = build_model(cfg, ParallelConfig(), VOCAB)[0].eval()
+    mg = {k: v.detach() for k, v in model.state_dict().items() if "_extra_state" not in k}
+    hf = _hf_model(arch, cfg)
+    missing, unexpected = hf.load_state_dict(_to_hf(mg, cfg), strict=False)
+    assert not unexpected and all(k == "lm_head.weight" for k in missing), (missing, unexpected)
+    tokens = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(12).expand(2, -1)
+    with torch.no_grad():
+        ours = model(tokens, positions, None)[..., :VOCAB]
+        theirs = hf(input_ids=tokens).logits
+    assert ours.abs().max() > 0.1  # not a trivially zero output
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    if cfg.rope_scaling:  # Llama-3.1 frequency scaling: the same inverse frequencies as transformers
+        hf_inv = hf.model.rotary_emb.inv_freq
+        torch.testing.assert_close(model.rotary_pos_emb.inv_freq.float(), hf_inv.float(), rtol=1e-6, atol=0)
+        assert not torch.allclose(hf_inv, 1.0 / cfg.rotary_base ** (torch.arange(0, 16, 2) / 16))
+
+
+def test_parameter_layout(single_process):
+    _, cfg = VARIANTS["qwen3"]
+    names = {n: tuple(p.shape) for n, p in build_model(cfg, ParallelConfig(), VOCAB)[0].named_parameters()}
+    assert "output_layer.weight" not in names  # tied
+    assert names["embedding.word_embeddings.weight"] == (96, 64)  # 90 padded to a multiple of 16
+    assert names["decoder.layers.0.self_attention.linear_qkv.weight"] == ((4 + 2 * 2) * 32, 64)
+    assert names["decoder.layers.0.self_attention.q_layernorm.weight"] == (32,)
+    assert names["decoder.layers.0.mlp.linear_fc1.weight"] == (2 * 96, 64)
+
+
+def test_padded_vocab_size_and_config_errors():
+    assert padded_vocab_size(100, 8, 1) == 104 and padded_vocab_size(100, 8, 2) == 112
+    assert padded_vocab_size(128, 128, 1) == 128
+    cfg = ModelConfig(dtype="bf16", fp8="delayed", **{k: v for k, v in COMMON.items() if k != "dtype"})
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="model.fp8"):
+            transformer_config(cfg, ParallelConfig(), use_cuda=False)
+    with pytest.raises(ValueError, match="model.vocab_size"):
+        build_model(VARIANTS["llama3.1"][1], ParallelConfig(), 0)
+
+
+def test_cpu_config_is_fp32_without_fusions():
+    cfg = transformer_config(VARIANTS["llama3.1"][1], ParallelConfig(recompute="full", recompute_num_layers=2),
+                             use_cuda=False)
+    assert cfg.params_dtype == torch.float32 and not cfg.bf16 and cfg.use_cpu_initialization
+    assert not cfg.gradient_accumulation_fusion and not cfg.masked_softmax_fusion
+    assert cfg.recompute_granularity == "full" and cfg.recompute_num_layers == 2
+    assert cfg.gated_linear_unit and cfg.normalization == "RMSNorm" and not cfg.add_bias_linear
