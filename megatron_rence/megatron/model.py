@@ -61,6 +61,9 @@ def transformer_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, use
     if not use_cuda:
         if m.fp8 is not None:
             raise ValueError(f"model.fp8={m.fp8!r} needs CUDA and Transformer Engine; unset it for CPU runs")
+        if p.cp > 1:
+            raise ValueError(f"parallel.cp={p.cp}: context parallelism needs Transformer Engine attention (GPU); "
+                             "megatron's local attention has none")
         fields.update(cpu_compat.cpu_config_overrides())
     return TransformerConfig(**fields)
 

@@ -106,7 +106,7 @@ def initialize(parallel_cfg: ParallelConfig, seed: int, timeout_minutes: int = 3
     ps.initialize_model_parallel(
         tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=p.pp,
         virtual_pipeline_model_parallel_size=p.vpp, context_parallel_size=p.cp,
-        distributed_timeout_minutes=timeout_minutes, create_gloo_process_groups=use_cuda)
+        distributed_timeout_minutes=timeout_minutes)
 
     pp_rank = ps.get_pipeline_model_parallel_rank()
     # Same default-generator seed across TP/DP ranks of a stage (CPU init draws full weights from it).
