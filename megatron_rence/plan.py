@@ -33,7 +33,7 @@ class PlanReport:
         """Why the run would not start or not fit (empty when it is good to go)."""
         if self.layout.errors:
             return list(self.layout.errors)
-        return _memory_problems(self.memory) if self.memory is not None else []
+        return _memory_problems(self.memory, self.cfg) if self.memory is not None else []
 
     @property
     def exit_code(self) -> int:
@@ -80,7 +80,7 @@ def plan(cfg: Config, hw: Hardware) -> PlanReport:
     return PlanReport(cfg, hw, layout, memory, vocab, notes)
 
 
-def _memory_problems(mem: MemoryPlan) -> list[str]:
+def _memory_problems(mem: MemoryPlan, cfg: Config) -> list[str]:
     problems = []
     e = mem.engine
     if e.kind == "sglang" and e.kv_bytes <= 0:
@@ -93,10 +93,28 @@ def _memory_problems(mem: MemoryPlan) -> list[str]:
         top = sorted((i for i in worst.items if phase in i.phases), key=lambda i: -i.bytes)[:4]
         parts = ", ".join(f"{i.name} {i.bytes / GiB:.1f}" for i in top)
         problems.append(f"does not fit: pipeline stage {worst.stage} needs {worst.peak / GiB:.1f} GiB per GPU in the "
-                        f"{phase} phase > {mem.gpu_bytes / GiB:.0f} GiB (largest: {parts} GiB); try larger "
-                        f"parallel.tp/pp, parallel.distributed_optimizer, parallel.recompute=full, a smaller "
-                        f"train.micro_batch_size or rollout.sglang.mem_fraction_static")
+                        f"{phase} phase > {mem.gpu_bytes / GiB:.0f} GiB (largest: {parts} GiB); try "
+                        + ", ".join(_hints(cfg, phase)))
     return problems
+
+
+def _hints(cfg: Config, phase: str) -> list[str]:
+    """Changes that lower the peak of `phase`, leaving out those the recipe already has."""
+    p = cfg.parallel
+    hints = ["larger parallel.tp or parallel.pp (or more nodes)"]
+    if not p.distributed_optimizer:
+        hints.append("parallel.distributed_optimizer=true")
+    if phase == "train":
+        if p.recompute != "full":
+            hints.append("parallel.recompute=full")
+        if p.tp > 1 and not p.sequence_parallel:
+            hints.append("parallel.sequence_parallel=true")
+        hints.append("a smaller train.micro_batch_size or train.max_seq_len")
+    elif phase == "rollout":
+        hints.append("a smaller rollout.sglang.mem_fraction_static")
+    else:
+        hints.append("a smaller weights.bucket_bytes or a larger rollout.sglang.tp")
+    return hints
 
 
 def render(report: PlanReport, recipe: str) -> str:
