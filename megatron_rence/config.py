@@ -91,11 +91,18 @@ class DataConfig:
 
 @dataclass
 class SGLangConfig:
+    """The colocated SGLang engine (rollout/sglang_engine.py): one per inference TP group of `tp` GPUs."""
+
     tp: int = 1
     mem_fraction_static: float = 0.6
     enable_memory_saver: bool = True
     fp8_weights: bool = False  # quantise weights in the sync stream so the engine serves FP8
-    extra_args: dict[str, str] = field(default_factory=dict)
+    extra_args: dict[str, str] = field(default_factory=dict)  # more ServerArgs; values parsed as YAML scalars
+    base_port: int = 30000  # engine i on a node listens on base_port + 100 * i (and its NCCL port + 1)
+    max_restarts: int = 2  # engine crashes survived per run (each restart re-pushes the current weights)
+    model_dir: Optional[str] = None  # where config.json + tokenizer for the engine go; default <run_dir>/sglang_model
+    log_level: str = "error"
+    health_poll_s: float = 5.0  # how often a pending engine call checks that the engine processes live
 
 
 @dataclass
