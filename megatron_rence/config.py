@@ -120,29 +120,29 @@ class RolloutConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """One section for the four objectives; each reads the fields its docstring names."""
+    """One section for the four objectives (megatron_rence/objectives/); each reads the fields its docstring names."""
 
     name: Literal["rence", "grpo", "dapo", "online_dpo"] = "rence"
     positive_threshold: float = 0.5  # reward >= threshold is a positive
     # ReNCE (see objectives/rence.py for which parts are confirmed and which reconstructed)
     beta: float = 1.0  # score scale on the log-ratio; also the DPO beta
-    margin_alpha: float = 0.0  # reward-scaled margin subtracted from positives' scores
+    margin_alpha: float = 0.0  # margin alpha * (r_p - mean negative reward) subtracted from positives' scores
     reduce_positives: Literal["mean", "sum"] = "mean"
-    length_normalize: bool = False
+    length_normalize: bool = False  # ReNCE score / DPO log-likelihood divided by the response length
     t_easy: float = 1.0  # drop groups whose positive fraction exceeds this
-    kl_coef: float = 0.0  # KL penalty to the reference policy (ReNCE, GRPO, DAPO)
-    kl_target: Optional[float] = None  # adapt kl_coef towards this KL over kl_window steps
+    kl_coef: float = 0.0  # KL penalty (k3) to the reference policy; the starting value when kl_target is set
+    kl_target: Optional[float] = None  # adapt kl_coef towards this KL with time constant kl_window steps
     kl_window: int = 10
-    # GRPO / DAPO
+    # GRPO / DAPO (None = the objective's default: see objectives/policy_gradient.py)
     clip_eps_low: float = 0.2
-    clip_eps_high: float = 0.2  # DAPO clip-higher: 0.28
-    token_level_loss: bool = False  # DAPO
-    dynamic_sampling: bool = False  # DAPO: drop all-correct / all-wrong groups
-    overlong_buffer: int = 0  # DAPO overlong shaping: tokens before max_new_tokens where the penalty ramps
+    clip_eps_high: Optional[float] = None  # None: grpo = clip_eps_low, dapo = 0.28 (clip-higher)
+    token_level_loss: Optional[bool] = None  # None: grpo false, dapo true
+    dynamic_sampling: Optional[bool] = None  # drop all-correct / all-wrong groups; None: grpo false, dapo true
+    overlong_buffer: int = 0  # overlong shaping: tokens before max_new_tokens where the penalty ramps (0 = off)
     overlong_penalty: float = 1.0
-    normalize_std: bool = True  # GRPO: divide advantages by the group std
+    normalize_std: bool = True  # divide advantages by the group std
     # online DPO
-    max_pairs_per_group: int = 1
+    max_pairs_per_group: int = 1  # 0 = all |P|*|N| pairs
     ref_update_every: int = 0  # semi-online DPO: refresh the reference every s steps (0 = never)
 
 
@@ -290,7 +290,7 @@ def validate(cfg: Config, source: str = "<recipe>") -> None:
         fail("objective.beta", f"must be > 0, got {o.beta}")
     if not 0.0 <= o.t_easy <= 1.0:
         fail("objective.t_easy", f"must be in [0, 1], got {o.t_easy}")
-    if o.clip_eps_low < 0 or o.clip_eps_high < 0:
+    if o.clip_eps_low < 0 or (o.clip_eps_high is not None and o.clip_eps_high < 0):
         fail("objective.clip_eps_low", "clip ranges must be >= 0")
     if o.name == "online_dpo" and r.num_samples < 2:
         fail("rollout.num_samples", "online_dpo needs at least 2 samples per prompt to form pairs")

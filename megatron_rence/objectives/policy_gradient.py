@@ -1,0 +1,119 @@
+"""GRPO and DAPO: group-normalised advantages with a PPO-clipped ratio surrogate (one module, two presets).
+
+Per response token t of sequence i, with advantage A_i (group-normalised reward) and ratio
+rho = exp(log pi_theta - log pi_old):
+    l_it = -min(rho * A_i, clip(rho, 1 - clip_eps_low, 1 + clip_eps_high) * A_i)  [+ kl_coef * k3_it]
+GRPO (sequence-level): mean over a sequence's tokens, summed over sequences / number of sequences of the
+global batch. DAPO (token-level loss): summed over tokens / number of response tokens of the global batch.
+DAPO's other refinements: clip-higher (clip_eps_high 0.28 by default), dynamic sampling (groups whose
+verifier rewards are all equal - all correct, all wrong, or K=1 - are dropped) and overlong reward shaping
+(prepare adds a penalty ramping linearly to -overlong_penalty over the last overlong_buffer tokens before
+max_new_tokens). Every refinement is an option of both presets; only the defaults differ:
+    option                          grpo            dapo
+    objective.clip_eps_high         clip_eps_low    0.28
+    objective.token_level_loss      false           true
+    objective.dynamic_sampling      false           true
+    objective.overlong_buffer       0 (off)         0 (off; set it relative to rollout.max_new_tokens)
+"""
+from __future__ import annotations
+
+import torch
+
+from megatron_rence.config import ObjectiveConfig
+from megatron_rence.objectives.base import Lengths, ObjectiveBase, ObjectiveBatch, Prepared, total_length
+from megatron_rence.objectives.groups import (all_equal, group_advantages, group_metrics, overlong_penalty,
+                                              positives)
+
+
+class PolicyGradient(ObjectiveBase):
+    """PPO-clipped group-advantage policy gradient; subclasses set the defaults of unset (None) options."""
+
+    uses_overlong_shaping = True
+    default_clip_eps_high: float | None = None  # None: the same as clip_eps_low
+    default_token_level_loss = False
+    default_dynamic_sampling = False
+
+    def __init__(self, cfg: ObjectiveConfig):
+        super().__init__(cfg)
+        self.clip_eps_low = cfg.clip_eps_low
+        self.clip_eps_high = _first_set(cfg.clip_eps_high, self.default_clip_eps_high, cfg.clip_eps_low)
+        self.token_level_loss = _first_set(cfg.token_level_loss, self.default_token_level_loss)
+        self.dynamic_sampling = _first_set(cfg.dynamic_sampling, self.default_dynamic_sampling)
+        if self.clip_eps_low < 0 or self.clip_eps_high < 0:
+            raise ValueError(f"objective.clip_eps_low / clip_eps_high must be >= 0, "
+                             f"got {self.clip_eps_low} / {self.clip_eps_high}")
+        if self.clip_eps_low >= 1:
+            raise ValueError(f"objective.clip_eps_low must be < 1 (the lower clip bound is 1 - eps), "
+                             f"got {self.clip_eps_low}")
+
+    def prepare(self, rewards: torch.Tensor, lengths: torch.Tensor, max_new_tokens: int) -> Prepared:
+        """Overlong shaping (if overlong_buffer > 0); dynamic sampling drops zero-variance groups."""
+        raw = rewards.float()
+        penalty = overlong_penalty(lengths, max_new_tokens, self.cfg.overlong_buffer, self.cfg.overlong_penalty)
+        shaped = raw + penalty.to(raw.device)
+        zero_variance = all_equal(raw)
+        keep = ~zero_variance if self.dynamic_sampling else torch.ones_like(zero_variance)
+        metrics = group_metrics(positives(raw, self.cfg.positive_threshold), keep)
+        metrics["groups/zero_variance_frac"] = zero_variance.float().sum().item() / max(len(keep), 1)
+        metrics["objective/overlong_penalty_mean"] = penalty.mean().item() if penalty.numel() else 0.0
+        metrics.update(self.kl_metrics())
+        return Prepared(shaped, keep, lengths, metrics)
+
+    def normalizer_for(self, rewards: torch.Tensor, lengths: Lengths) -> float:
+        """Response tokens (token-level loss) or sequences of the kept groups, at least 1."""
+        count = total_length(lengths) if self.token_level_loss else float(rewards.numel())
+        return max(count, 1.0)
+
+    def __call__(self, batch: ObjectiveBatch, normalizer: float) -> tuple[torch.Tensor, dict[str, float]]:
+        """Sum of per-sequence token means (or of per-token terms) over the microbatch, / normalizer."""
+        assert normalizer > 0, f"normalizer must be > 0, got {normalizer}"
+        advantages = group_advantages(batch.grouped(batch.rewards.float()), self.cfg.normalize_std)
+        adv = advantages.reshape(-1, 1)  # [N,1]
+        ratio = torch.exp(batch.log_ratio())  # [N,T]; 1 off the response
+        clipped_ratio = ratio.clamp(1.0 - self.clip_eps_low, 1.0 + self.clip_eps_high)
+        per_token = batch.masked(-torch.min(ratio * adv, clipped_ratio * adv))
+        mask = batch.token_mask()
+        clipped = mask & (((ratio < 1.0 - self.clip_eps_low) & (adv < 0)) | ((ratio > 1.0 + self.clip_eps_high) & (adv > 0)))
+        kl_tokens = batch.kl_tokens() if self.has_kl else None
+        if kl_tokens is not None:
+            per_token = per_token + self.kl.coef * kl_tokens
+        lengths = batch.lengths().clamp(min=1.0)
+        if self.token_level_loss:
+            reduce = lambda values: values.sum()  # noqa: E731 (sum over all tokens)
+        else:
+            reduce = lambda values: (values.sum(dim=1) / lengths).sum()  # noqa: E731 (sum of sequence means)
+        loss = reduce(per_token) / normalizer
+        with torch.no_grad():
+            metrics = {
+                f"loss/{self.name}": loss.item(),
+                "objective/clip_frac": reduce(clipped.float()).item() / normalizer,
+                "objective/ratio_mean": reduce(batch.masked(ratio)).item() / normalizer,
+                "objective/advantage_abs_mean": reduce(batch.masked(adv.abs().expand_as(ratio))).item() / normalizer,
+                "objective/num_sequences": float(batch.logprobs.shape[0]),
+                "objective/num_tokens": float(mask.sum().item()),
+            }
+            if kl_tokens is not None:
+                kl = reduce(kl_tokens).item() / normalizer
+                metrics["objective/kl"] = kl
+                metrics["loss/kl"] = self.kl.coef * kl
+        return loss, metrics
+
+
+class GRPO(PolicyGradient):
+    """GRPO: sequence-level loss, symmetric clipping, every group trained."""
+
+    name = "grpo"
+
+
+class DAPO(PolicyGradient):
+    """DAPO: token-level loss, clip-higher, dynamic sampling (overlong shaping via objective.overlong_buffer)."""
+
+    name = "dapo"
+    default_clip_eps_high = 0.28
+    default_token_level_loss = True
+    default_dynamic_sampling = True
+
+
+def _first_set(*values):
+    """The first value that is not None."""
+    return next(v for v in values if v is not None)
