@@ -302,7 +302,12 @@ class SGLangEngine:
         return [parse_output(out, self.weight_version) for out in outputs]
 
     def update_weights(self, bucket: list[tuple[str, torch.Tensor]], version: int) -> None:
-        """Every rank of the group calls this with its full copy of `bucket` (see sglang_transport)."""
+        """Every rank of the group calls this with its full copy of `bucket` (see sglang_transport).
+
+        CPU tensors (e.g. read from safetensors by rence-eval) are first copied to this rank's GPU.
+        """
+        if torch.cuda.is_available():
+            bucket = [(name, t if t.is_cuda else t.to(torch.cuda.current_device())) for name, t in bucket]
         self.sender.send(bucket, self._submitter(version) if self.is_owner else None)
         self.weight_version = version
 
