@@ -10,6 +10,7 @@ import torch
 
 from megatron_rence.config import ObjectiveConfig
 from megatron_rence.objectives import OBJECTIVES, ObjectiveBatch, get_objective
+from megatron_rence.objectives.groups import positives
 
 NAMES = ["rence", "grpo", "dapo", "online_dpo"]
 
@@ -57,6 +58,11 @@ def test_registry_covers_every_config_choice():
         assert obj.name == name and isinstance(obj, OBJECTIVES[name])
     with pytest.raises(ValueError, match="objective.name"):
         get_objective(ObjectiveConfig(name="ppo"))  # type: ignore[arg-type]
+
+
+def test_positive_threshold_is_inclusive():
+    is_pos = positives(torch.tensor([[0.5, 0.49, 1.0]]), 0.5)
+    assert is_pos.tolist() == [[True, False, True]]
 
 
 def test_needs_ref():

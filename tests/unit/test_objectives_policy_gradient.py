@@ -1,0 +1,140 @@
+"""GRPO and DAPO: hand-computed advantages, clipped surrogate values and gradients, normalisations, shaping, filters."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from megatron_rence.config import ObjectiveConfig
+from megatron_rence.objectives import ObjectiveBatch, get_objective
+from megatron_rence.objectives.groups import group_advantages, overlong_penalty
+
+
+def batch(log_ratios, rewards, lengths=None, ref=None):
+    """Per-token log-ratios (logprobs, requires grad; old = 0); `lengths` masks the tail of each row."""
+    lp = torch.tensor(log_ratios, dtype=torch.float32).requires_grad_(True)
+    mask = torch.ones_like(lp, dtype=torch.bool) if lengths is None else \
+        torch.arange(lp.shape[1])[None, :] < torch.tensor(lengths)[:, None]
+    ref_t = None if ref is None else torch.tensor(ref, dtype=torch.float32)
+    return ObjectiveBatch(lp, torch.zeros_like(lp), mask, torch.tensor(rewards, dtype=torch.float32),
+                          len(rewards), ref_t)
+
+
+def pg(name="grpo", **kw):
+    return get_objective(ObjectiveConfig(name=name, **kw))
+
+
+def test_advantages_hand_values():
+    # [1, 1, 0, 0]: mean 0.5, unbiased std sqrt((4 * 0.25) / 3) = 1/sqrt(3) -> A = +-0.5 * sqrt(3)
+    a = group_advantages(torch.tensor([[1., 1, 0, 0]]), normalize_std=True)
+    torch.testing.assert_close(a, torch.tensor([[1., 1, -1, -1]]) * 0.5 * math.sqrt(3), rtol=1e-5, atol=1e-5)
+    a = group_advantages(torch.tensor([[1., 0, 0, 0]]), normalize_std=False)
+    torch.testing.assert_close(a, torch.tensor([[0.75, -0.25, -0.25, -0.25]]))
+    assert group_advantages(torch.tensor([[1.], [0.]]), normalize_std=True).abs().max() == 0  # K=1
+    assert group_advantages(torch.tensor([[1., 1, 1]]), normalize_std=True).abs().max() == 0  # std 0: no NaN
+
+
+def test_grpo_sequence_level_value_and_gradient():
+    # rewards [1, 0], normalize_std off: A = [+0.5, -0.5]; ratio 1 (theta = theta_old).
+    # seq 0 has 2 tokens, seq 1 has 1 token (3 columns, masked).
+    # loss = (mean_t(-0.5) + mean_t(+0.5)) / 2 sequences = 0;
+    # d loss / d lp: seq 0 tokens -A * ratio / len / N = -0.5 / 2 / 2 = -0.125; seq 1 token +0.5 / 1 / 2 = 0.25.
+    b = batch([[0., 0, 9], [0, 9, 9]], [1, 0], lengths=[2, 1])
+    obj = pg(normalize_std=False)
+    assert obj.normalizer_for(b.rewards.reshape(1, 2), [2, 1]) == 2.0
+    loss, metrics = obj(b, 2.0)
+    loss.backward()
+    assert loss.item() == pytest.approx(0.0, abs=1e-7)
+    torch.testing.assert_close(b.logprobs.grad, torch.tensor([[-0.125, -0.125, 0], [0.25, 0, 0]]))
+    assert metrics["objective/clip_frac"] == 0.0
+
+
+def test_dapo_token_level_value_and_gradient():
+    # same batch, token-level: loss = (2 * (-0.5) + 1 * 0.5) / 3 tokens = -1/6; every token's gradient -A / 3.
+    b = batch([[0., 0, 9], [0, 9, 9]], [1, 0], lengths=[2, 1])
+    obj = pg("dapo", normalize_std=False)
+    assert obj.normalizer_for(b.rewards.reshape(1, 2), [2, 1]) == 3.0
+    loss, _ = obj(b, 3.0)
+    loss.backward()
+    assert loss.item() == pytest.approx(-1 / 6, rel=1e-6)
+    torch.testing.assert_close(b.logprobs.grad, torch.tensor([[-1 / 6, -1 / 6, 0], [1 / 6, 0, 0]]))
+
+
+def test_ratio_clipping_values_and_gradients():
+    # one token per sequence; rewards [1, 0] -> A = [+0.5, -0.5] (normalize_std off); eps 0.2.
+    # seq 0: ratio 1.5, A > 0: min(0.75, 1.2 * 0.5 = 0.6) = 0.6 -> term -0.6, clipped: gradient 0.
+    # seq 1: ratio 1.5, A < 0: min(-0.75, -0.6) = -0.75 -> term +0.75, unclipped: gradient -A * ratio = 0.75.
+    r = math.log(1.5)
+    b = batch([[r], [r]], [1, 0])
+    loss, metrics = pg(normalize_std=False)(b, 1.0)
+    loss.backward()
+    assert loss.item() == pytest.approx(-0.6 + 0.75, rel=1e-5)
+    torch.testing.assert_close(b.logprobs.grad, torch.tensor([[0.0], [0.75]]))
+    assert metrics["objective/clip_frac"] == pytest.approx(1.0)  # one clipped sequence / normalizer 1
+    # ratio 0.5 with A < 0 is clipped at 0.8 (gradient 0); with A > 0 it is not (gradient -0.5 * 0.5).
+    r = math.log(0.5)
+    b = batch([[r], [r]], [1, 0])
+    loss, _ = pg(normalize_std=False)(b, 1.0)
+    loss.backward()
+    assert loss.item() == pytest.approx(-0.25 + 0.4, rel=1e-5)
+    torch.testing.assert_close(b.logprobs.grad, torch.tensor([[-0.25], [0.0]]))
+
+
+def test_clip_higher():
+    # ratio 1.25, A = +0.5: GRPO (eps_high = eps_low = 0.2) clips -> gradient 0;
+    # DAPO (eps_high 0.28) does not -> gradient -A * ratio = -0.625 (token-level, 1 token, normalizer 1).
+    r = math.log(1.25)
+    grads = {}
+    for name in ("grpo", "dapo"):
+        b = batch([[r], [0.0]], [1, 0])
+        pg(name, normalize_std=False)(b, 1.0)[0].backward()
+        grads[name] = b.logprobs.grad[0, 0].item()
+    assert grads["grpo"] == 0.0
+    assert grads["dapo"] == pytest.approx(-0.625, rel=1e-6)
+
+
+def test_presets_and_overrides():
+    grpo, dapo = pg("grpo"), pg("dapo")
+    assert (grpo.clip_eps_high, grpo.token_level_loss, grpo.dynamic_sampling) == (0.2, False, False)
+    assert (dapo.clip_eps_high, dapo.token_level_loss, dapo.dynamic_sampling) == (0.28, True, True)
+    custom = pg("grpo", clip_eps_low=0.1, token_level_loss=True, dynamic_sampling=True)
+    assert (custom.clip_eps_high, custom.token_level_loss, custom.dynamic_sampling) == (0.1, True, True)
+    assert pg("dapo", clip_eps_high=0.3, token_level_loss=False).token_level_loss is False
+
+
+def test_overlong_penalty_ramp():
+    # max_new_tokens 10, buffer 4, penalty 1: 0 up to 6 tokens, then -(L - 6) / 4, -1 at 10 and beyond.
+    lengths = torch.tensor([[5, 6, 7, 8, 10, 12]])
+    torch.testing.assert_close(overlong_penalty(lengths, 10, 4, 1.0),
+                               torch.tensor([[0., 0, -0.25, -0.5, -1, -1]]))
+    torch.testing.assert_close(overlong_penalty(lengths, 10, 4, 2.0),
+                               torch.tensor([[0., 0, -0.5, -1, -2, -2]]))
+    assert overlong_penalty(lengths, 10, 0, 1.0).abs().max() == 0
+
+
+def test_prepare_shapes_rewards_and_dynamic_sampling():
+    rewards = torch.tensor([[1., 0], [1, 1], [0, 0], [1, 1]])
+    lengths = torch.tensor([[3, 9], [3, 3], [3, 3], [8, 3]])
+    dapo = pg("dapo", overlong_buffer=4)
+    p = dapo.prepare(rewards, lengths, max_new_tokens=10)
+    torch.testing.assert_close(p.rewards, rewards + torch.tensor([[0., -0.75], [0, 0], [0, 0], [-0.5, 0]]))
+    # dynamic sampling looks at the verifier's rewards: the all-correct group with an overlong member is dropped.
+    assert p.keep.tolist() == [True, False, False, False]
+    assert p.metrics["groups/zero_variance_frac"] == pytest.approx(0.75)
+    assert dapo.normalizer(p) == 12.0  # tokens of the kept group
+    grpo = pg("grpo")
+    p = grpo.prepare(rewards, lengths, max_new_tokens=10)
+    assert p.keep.all() and grpo.normalizer(p) == 8.0  # sequences
+    torch.testing.assert_close(p.rewards, rewards)
+
+
+def test_kl_penalty_value():
+    # A = 0 (equal rewards), ratio 1; ref = ln2 on 2 tokens of seq 0: k3 = 1 - ln2 per token, 0 on seq 1.
+    # sequence-level: loss = coef * (mean_t k3 of seq 0 + 0) / 2 = 0.1 * (1 - ln2) / 2.
+    b = batch([[0., 0], [0, 0]], [1, 1], ref=[[math.log(2)] * 2, [0., 0]])
+    loss, metrics = pg(kl_coef=0.1)(b, 2.0)
+    assert loss.item() == pytest.approx(0.1 * (1 - math.log(2)) / 2, rel=1e-6)
+    assert metrics["objective/kl"] == pytest.approx((1 - math.log(2)) / 2, rel=1e-6)
+    loss.backward()  # d k3 / d lp = 1 - exp(ref - lp) = -1 -> 0.1 * (-1) / 2 tokens / 2 sequences
+    torch.testing.assert_close(b.logprobs.grad, torch.tensor([[-0.025, -0.025], [0, 0]]))
