@@ -7,7 +7,8 @@ over the model with a KV cache: every prompt x sample is one row of a single lef
 log_softmax(logits / temperature) of the sampled tokens in fp32, the quantity the trainer
 recomputes (see `sampling.py`). A completion ends with "stop" on an eos token (kept in `token_ids`)
 or a stop string (the completing token kept; the string cut from `text`), else "length".
-Sampling is reproducible with `SamplingParams.seed` (one torch.Generator per call).
+Sampling is reproducible with `SamplingParams.seed` (one torch.Generator per call); finished rows
+leave the batch.
 Memory release / resume are no-ops on CPU; `health()` is True until `shutdown()`.
 """
 from __future__ import annotations
@@ -103,35 +104,40 @@ class HFEngine:
     @torch.no_grad()
     def _sample(self, rows: list[list[int]], params: SamplingParams,
                 generator: Optional[torch.Generator]) -> tuple[list[list[int]], list[list[float]], list[str]]:
-        """The decoding loop over B = len(rows) left-padded rows; returns per row (ids, logprobs, reason)."""
+        """The decoding loop over B = len(rows) left-padded rows; returns per row (ids, logprobs, reason).
+
+        Finished rows leave the batch (and the KV cache) at once, so the step cost follows the live rows.
+        """
         from transformers import DynamicCache
 
-        batch, mask, positions = self._left_pad(rows)
+        inputs, mask, positions = self._left_pad(rows)
         cache = DynamicCache(config=self.hf_config)
         stop = StopStrings(params.stop, self.tokenizer)
-        num_rows = len(rows)
-        out_ids: list[list[int]] = [[] for _ in range(num_rows)]
-        out_lps: list[list[float]] = [[] for _ in range(num_rows)]
-        reasons = ["length"] * num_rows
-        active = torch.ones(num_rows, dtype=torch.bool)
-        inputs = batch
+        out_ids: list[list[int]] = [[] for _ in rows]
+        out_lps: list[list[float]] = [[] for _ in rows]
+        reasons = ["length"] * len(rows)
+        live = list(range(len(rows)))  # batch position -> row
         for _ in range(params.max_new_tokens):
             logits = self.model(input_ids=inputs, attention_mask=mask, position_ids=positions,
                                 use_cache=True, logits_to_keep=1, **{self.cache_kwarg: cache}).logits
             tokens, lps = sample_next(logits[:, -1, :], params, generator)
-            for r in active.nonzero().flatten().tolist():
-                token = int(tokens[r])
-                out_ids[r].append(token)
-                out_lps[r].append(float(lps[r]))
-                if token in self.eos_ids or (stop and stop.matched(out_ids[r])):
-                    reasons[r] = "stop"
-                    active[r] = False
-            if not active.any():
+            keep = []
+            for b, (row, token, lp) in enumerate(zip(live, tokens.tolist(), lps.tolist())):
+                out_ids[row].append(token)
+                out_lps[row].append(lp)
+                if token in self.eos_ids or (stop and stop.matched(out_ids[row])):
+                    reasons[row] = "stop"
+                else:
+                    keep.append(b)
+            if not keep:
                 break
-            # Finished rows keep decoding pad tokens (discarded) so the batch keeps one shape.
-            inputs = torch.where(active, tokens, torch.full_like(tokens, self.pad_id)).unsqueeze(-1).to(self.device)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            positions = positions[:, -1:] + 1
+            inputs, positions = tokens.unsqueeze(-1), positions[:, -1:] + 1
+            if len(keep) < len(live):
+                index = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(index)
+                inputs, mask, positions = inputs[index], mask[index], positions[index]
+                live = [live[b] for b in keep]
         return out_ids, out_lps, reasons
 
     def _left_pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

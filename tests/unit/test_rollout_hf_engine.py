@@ -65,13 +65,16 @@ def test_is_a_rollout_engine(setup):
     assert isinstance(setup[2], RolloutEngine)
 
 
-@pytest.mark.parametrize("temperature,top_p,top_k", [(1.0, 1.0, -1), (0.7, 0.9, 10), (1.3, 1.0, 5)])
-def test_logprobs_equal_teacher_forced_pass(setup, tokenizer, temperature, top_p, top_k):
+@pytest.mark.parametrize("temperature,top_p,top_k,stop", [(1.0, 1.0, -1, []), (0.7, 0.9, 10, []), (1.3, 1.0, 5, []),
+                                                           (1.0, 1.0, -1, ["3", "+"])])
+def test_logprobs_equal_teacher_forced_pass(setup, tokenizer, temperature, top_p, top_k, stop):
     config, model, engine = setup
     ps = prompts(tokenizer)
-    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=10, seed=7)
+    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=10, stop=stop, seed=7)
     out = engine.generate(ps, params, n=3)
     assert [len(row) for row in out] == [3] * len(ps)
+    if stop:  # rows leave the batch at different steps
+        assert {c.finish_reason for row in out for c in row} == {"stop", "length"}
     for prompt, row in zip(ps, out):
         for c in row:
             assert c.weight_version == 3 and len(c.token_ids) == len(c.logprobs) >= 1
