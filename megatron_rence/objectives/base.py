@@ -1,4 +1,4 @@
-"""The objective contract: ObjectiveBatch (a microbatch of whole groups), Prepared (group decisions), the Objective protocol.
+"""The objective contract: ObjectiveBatch (microbatch of whole groups), Prepared (group decisions), Objective.
 
 How the trainer drives an objective (docs/interfaces.md, "objectives"):
 
@@ -198,7 +198,8 @@ class ObjectiveBase:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("name", self.name) != self.name:
-            raise ValueError(f"objective state is for {state.get('name')!r}, this run's objective.name is {self.name!r}")
+            raise ValueError(f"objective state is for {state.get('name')!r}, "
+                             f"this run's objective.name is {self.name!r}")
         self.kl.load_state_dict(state["kl"])
 
     def kl_metrics(self) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""Group helpers shared by the objectives: positive/negative split, group filters, advantages, overlong shaping, DPO pairs.
+"""Group helpers: positive/negative split, group filters, advantages, overlong shaping, DPO pairs.
 
 All functions are pure torch on [G,K] tensors (G groups of K completions of one prompt).
 """

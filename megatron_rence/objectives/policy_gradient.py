@@ -73,15 +73,17 @@ class PolicyGradient(ObjectiveBase):
         clipped_ratio = ratio.clamp(1.0 - self.clip_eps_low, 1.0 + self.clip_eps_high)
         per_token = batch.masked(-torch.min(ratio * adv, clipped_ratio * adv))
         mask = batch.token_mask()
-        clipped = mask & (((ratio < 1.0 - self.clip_eps_low) & (adv < 0)) | ((ratio > 1.0 + self.clip_eps_high) & (adv > 0)))
+        clipped = mask & (((ratio < 1.0 - self.clip_eps_low) & (adv < 0))
+                          | ((ratio > 1.0 + self.clip_eps_high) & (adv > 0)))  # tokens whose gradient is cut
         kl_tokens = batch.kl_tokens() if self.has_kl else None
         if kl_tokens is not None:
             per_token = per_token + self.kl.coef * kl_tokens
         lengths = batch.lengths().clamp(min=1.0)
-        if self.token_level_loss:
-            reduce = lambda values: values.sum()  # noqa: E731 (sum over all tokens)
-        else:
-            reduce = lambda values: (values.sum(dim=1) / lengths).sum()  # noqa: E731 (sum of sequence means)
+
+        def reduce(values: torch.Tensor) -> torch.Tensor:
+            """[N,T] -> sum over tokens (token-level loss) or sum of per-sequence token means."""
+            return values.sum() if self.token_level_loss else (values.sum(dim=1) / lengths).sum()
+
         loss = reduce(per_token) / normalizer
         with torch.no_grad():
             metrics = {
