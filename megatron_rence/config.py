@@ -165,7 +165,9 @@ class OptimConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
-    clip_grad: float = 1.0
+    clip_grad: float = 1.0  # global gradient-norm clip; 0 = no clipping (the norm is still logged)
+    optimizer: Literal["adamw", "adam"] = "adamw"  # adamw: decoupled weight decay
+    lr_decay_steps: Optional[int] = None  # optimizer step where the decay reaches min_lr; None = the run's last
 
 
 @dataclass
@@ -177,6 +179,8 @@ class TrainConfig:
     seed: int = 1234
     run_dir: str = "runs/default"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    debug_check_sync: bool = False  # after each sync, compare the engine's weights with the trainer's (CPU engine)
+    logprobs_micro_batch_size: int = 0  # sequences per forward-only microbatch (old/ref log-probs); 0 = micro_batch_size
 
 
 @dataclass

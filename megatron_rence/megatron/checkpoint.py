@@ -1,0 +1,259 @@
+"""Atomic, resharding checkpoints: megatron dist_checkpointing (torch_dist) for weights and optimizer, plus run state.
+
+Layout of a checkpoint root::
+
+    <root>/iter_0000012/          one complete checkpoint (dist_checkpointing files: weights, optimizer, schedule)
+             run_state.pt         what the trainer passed (step, data cursor, objective state, ...), from rank 0
+             rng/rank_00003.pt    python / numpy / torch / megatron-tracker RNG states of each rank
+             meta.json            step, world size and layout (tp, pp, vpp, dp) of the run that wrote it
+    <root>/latest                 the name of the newest COMPLETE checkpoint (replaced atomically)
+
+Atomicity: everything is written to ``iter_XXXXXXX.tmp``, fsynced, then renamed to ``iter_XXXXXXX``; only then
+is ``latest`` replaced (write ``latest.tmp``, fsync, ``os.replace``). A crash at any point leaves the previous
+checkpoint and ``latest`` intact; a left-over ``.tmp`` directory is ignored and removed by the next save.
+Pruning (``keep_last``) renames a directory to ``*.deleting`` before removing it, so a half-deleted checkpoint
+is never mistaken for a complete one.
+
+Resharding: tensors are stored as global ShardedTensors, so a checkpoint written at one TP / PP / VPP / DP
+layout loads at another (weights and, with the non-distributed optimizer, Adam moments: they are sharded like
+the weights). RNG states are restored only when the world size is unchanged (otherwise they are re-seeded by
+``parallel.initialize`` and a message says so).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+PathLike = Union[str, Path]
+LATEST = "latest"
+RUN_STATE = "run_state.pt"
+META = "meta.json"
+_ITER = re.compile(r"^iter_(\d{7,})$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"iter_{step:07d}"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    """fsync every file and directory under `path`, then `path` itself."""
+    for dirpath, _, filenames in os.walk(path):
+        for name in filenames:
+            _fsync_path(Path(dirpath) / name)
+        _fsync_path(Path(dirpath))
+
+
+def complete_checkpoints(ckpt_root: PathLike) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint under `ckpt_root`, oldest first."""
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _ITER.match(p.name))]
+    return sorted(found)
+
+
+def latest(ckpt_root: PathLike) -> Optional[Path]:
+    """The checkpoint `latest` names (or, if that file is missing or stale, the newest complete one); None if none."""
+    root = Path(ckpt_root)
+    marker = root / LATEST
+    if marker.is_file():
+        candidate = root / marker.read_text().strip()
+        if _ITER.match(candidate.name) and candidate.is_dir():
+            return candidate
+    found = complete_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def _write_latest(root: Path, name: str) -> None:
+    tmp = root / (LATEST + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, root / LATEST)
+    _fsync_path(root)
+
+
+def _prune(root: Path, keep_last: Optional[int], keep: Path) -> None:
+    """Remove complete checkpoints beyond the newest `keep_last` (never `keep`) and stale temporary dirs."""
+    for p in root.iterdir():
+        if p.is_dir() and (p.name.endswith(".deleting") or (p.name.endswith(".tmp") and p.name.startswith("iter_"))):
+            shutil.rmtree(p, ignore_errors=True)
+    if not keep_last or keep_last < 1:
+        return
+    found = complete_checkpoints(root)
+    for _, path in found[:-keep_last]:
+        if path != keep:
+            doomed = path.with_name(path.name + ".deleting")
+            os.rename(path, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _model_sharded_state_dict(model_chunks: list) -> dict:
+    """megatron's convention: "model" for one chunk, "model0", "model1", ... for virtual pipeline stages."""
+    if len(model_chunks) == 1:
+        return {"model": model_chunks[0].sharded_state_dict()}
+    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(model_chunks)}
+
+
+def rng_state() -> dict:
+    """This process's RNG states (python, numpy, torch CPU / CUDA, megatron's model-parallel tracker)."""
+    from megatron.core import tensor_parallel
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _layout() -> dict:
+    from megatron.core import parallel_state as ps
+
+    return {"world_size": _world_size(), "tp": ps.get_tensor_model_parallel_world_size(),
+            "pp": ps.get_pipeline_model_parallel_world_size(),
+            "vpp": ps.get_virtual_pipeline_model_parallel_world_size(), "dp": ps.get_data_parallel_world_size()}
+
+
+def _write_sharded(tmp: Path, model_chunks: list, optimizer, scheduler, step: int) -> None:
+    from megatron.core import dist_checkpointing
+
+    state = _model_sharded_state_dict(model_chunks)
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state)
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
+    state["step"] = step
+    dist_checkpointing.save(state, str(tmp))
+
+
+def _write_run_state(tmp: Path, run_state: dict, step: int) -> None:
+    """Per rank: its RNG states; rank 0: the run state and meta.json. Files are fsynced by their writer."""
+    rng_file = tmp / "rng" / f"rank_{_rank():05d}.pt"
+    torch.save(rng_state(), rng_file)
+    _fsync_path(rng_file)
+    if _rank() == 0:
+        torch.save(run_state, tmp / RUN_STATE)
+        (tmp / META).write_text(json.dumps({"step": step, **_layout()}, indent=1))
+
+
+def save(ckpt_root: PathLike, step: int, model_chunks: list, optimizer=None, scheduler=None,
+         run_state: Optional[dict] = None, keep_last: Optional[int] = None) -> Path:
+    """Write checkpoint `iter_<step>` under `ckpt_root` atomically (all ranks call it); returns its path.
+
+    model_chunks: bare GPTModel chunks; optimizer: megatron optimizer or None (weights only); scheduler:
+    OptimizerParamScheduler or None; run_state: picklable dict (the trainer's step, data cursor, objective
+    state ...); keep_last: keep this many newest checkpoints (None / 0 = all).
+    """
+    root = Path(ckpt_root)
+    name = checkpoint_name(step)
+    final, tmp = root / name, root / (name + ".tmp")
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt at this step
+        (tmp / "rng").mkdir(parents=True)
+    _barrier()
+    _write_sharded(tmp, model_chunks, optimizer, scheduler, step)
+    _write_run_state(tmp, dict(run_state or {}), step)
+    _barrier()  # every rank's files are written and fsynced by their writer
+    if _rank() == 0:
+        _fsync_tree(tmp)
+        if final.exists():  # re-saving a step (e.g. after a resume): replace the old copy
+            old = final.with_name(name + ".deleting")
+            os.rename(final, old)
+            shutil.rmtree(old)
+        os.rename(tmp, final)
+        _fsync_path(root)
+        _write_latest(root, name)
+        _prune(root, keep_last, keep=final)
+    _barrier()
+    return final
+
+
+def resolve(path: PathLike) -> Path:
+    """A checkpoint directory from a root (its latest complete checkpoint) or an iter_* directory."""
+    p = Path(path)
+    if _ITER.match(p.name) and p.is_dir():
+        return p
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint path {p} does not exist")
+    found = latest(p)
+    if found is None:
+        raise FileNotFoundError(f"no complete checkpoint (iter_XXXXXXX directory) under {p}")
+    return found
+
+
+def load(path: PathLike, model_chunks: list, optimizer=None, scheduler=None) -> dict:
+    """Load weights (and optimizer / scheduler state when given) from `path` at the current layout (all ranks).
+
+    Returns the saved run state (with "checkpoint": the directory loaded). The optimizer state reshards
+    across TP / PP / VPP / DP with megatron's non-distributed optimizer; for the distributed optimizer
+    (GPU) megatron's own sharded formats decide.
+    """
+    from megatron.core import dist_checkpointing
+
+    ckpt = resolve(path)
+    request = _model_sharded_state_dict(model_chunks)
+    if optimizer is not None:
+        request["optimizer"] = optimizer.sharded_state_dict(request, is_loading=True)
+    loaded = dist_checkpointing.load(request, str(ckpt))
+    keys = ["model"] if len(model_chunks) == 1 else [f"model{i}" for i in range(len(model_chunks))]
+    for key, chunk in zip(keys, model_chunks):
+        chunk.load_state_dict(loaded[key], strict=True)
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    if scheduler is not None:
+        if "scheduler" not in loaded:
+            raise ValueError(f"checkpoint {ckpt} has no LR scheduler state (saved weights only)")
+        scheduler.num_steps = 0  # load_state_dict advances by the saved count
+        scheduler.load_state_dict(loaded["scheduler"])
+    meta = json.loads((ckpt / META).read_text())
+    if meta["world_size"] == _world_size():
+        set_rng_state(torch.load(ckpt / "rng" / f"rank_{_rank():05d}.pt", weights_only=False))
+    elif _rank() == 0:
+        print(f"checkpoint {ckpt} was written by {meta['world_size']} ranks, this run has {_world_size()}: "
+              "RNG states are not restored")
+    run_state = torch.load(ckpt / RUN_STATE, weights_only=False)
+    run_state["checkpoint"] = str(ckpt)
+    return run_state

@@ -1,0 +1,124 @@
+"""Optimizer construction: megatron DDP wrapping, megatron's Adam/AdamW optimizer and the warmup + decay LR schedule.
+
+    ddp_chunks = wrap_ddp(model_chunks, parallel_cfg, loss_is_summed=True)
+    optimizer = build_optimizer(optim_cfg, model_cfg, parallel_cfg, ddp_chunks)
+    scheduler = build_scheduler(optim_cfg, optimizer, total_steps)
+
+On GPU with ``parallel.distributed_optimizer`` the optimizer is megatron's DistributedOptimizer (state sharded
+over data-parallel ranks); otherwise megatron's non-distributed optimizer (FP32Optimizer on CPU / fp32,
+Float16Optimizer for bf16/fp16), which works on CPU over gloo. The distributed optimizer needs CUDA tensors.
+
+The schedule is megatron's ``OptimizerParamScheduler`` shifted by one step so that optimizer step ``n``
+(1-based) runs at ``lr(n)``: linear warmup ``lr * n / lr_warmup_steps`` for ``n <= lr_warmup_steps``, then
+constant / linear / cosine decay from ``lr`` to ``min_lr`` reached at ``n = lr_decay_steps``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from megatron_rence.config import ConfigError, ModelConfig, OptimConfig, ParallelConfig
+
+NO_CLIP = 1.0e30  # megatron computes the gradient norm only when clipping; "clip" at this norm = never
+
+
+def lr_at(optim_cfg: OptimConfig, step: int, decay_steps: int) -> float:
+    """The learning rate of optimizer step `step` (1-based), as `build_scheduler` sets it (for tests and logs)."""
+    o = optim_cfg
+    if o.lr_warmup_steps > 0 and step <= o.lr_warmup_steps:
+        return o.lr * step / o.lr_warmup_steps
+    if o.lr_decay_style == "constant":
+        return o.lr
+    if step > decay_steps:
+        return o.min_lr
+    ratio = (step - o.lr_warmup_steps) / (decay_steps - o.lr_warmup_steps)
+    coeff = 1.0 - ratio if o.lr_decay_style == "linear" else 0.5 * (math.cos(math.pi * ratio) + 1.0)
+    return o.min_lr + coeff * (o.lr - o.min_lr)
+
+
+def check_optim_config(optim_cfg: OptimConfig, decay_steps: int) -> None:
+    """ConfigError naming the `optim.*` key for values megatron would reject with a bare assert."""
+    o = optim_cfg
+    if o.lr < 0 or o.min_lr < 0 or o.min_lr > o.lr:
+        raise ConfigError(f"optim.min_lr: need 0 <= optim.min_lr <= optim.lr, got min_lr={o.min_lr}, lr={o.lr}")
+    if o.lr_warmup_steps < 0:
+        raise ConfigError(f"optim.lr_warmup_steps: must be >= 0, got {o.lr_warmup_steps}")
+    if decay_steps <= o.lr_warmup_steps:
+        raise ConfigError(f"optim.lr_decay_steps: the schedule's {decay_steps} optimizer steps must exceed "
+                          f"optim.lr_warmup_steps={o.lr_warmup_steps}")
+    if o.clip_grad < 0:
+        raise ConfigError(f"optim.clip_grad: must be >= 0 (0 = no clipping), got {o.clip_grad}")
+    if o.weight_decay < 0:
+        raise ConfigError(f"optim.weight_decay: must be >= 0, got {o.weight_decay}")
+
+
+def wrap_ddp(model_chunks: list, parallel_cfg: ParallelConfig, use_cuda: bool) -> list:
+    """Wrap bare GPTModel chunks in megatron's DistributedDataParallel (contiguous grad buffers, DP reduction).
+
+    Sets ``config.calculate_per_token_loss = True`` on the chunks' TransformerConfig: the schedule then leaves
+    the loss unscaled and DDP SUMS gradients over data x context parallel ranks (no 1/dp), which is what the
+    objectives' contract needs (loss = units / global normalizer, summed over microbatches and ranks).
+    """
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    if parallel_cfg.distributed_optimizer and not use_cuda:
+        raise ConfigError("parallel.distributed_optimizer: megatron's distributed optimizer needs CUDA tensors; "
+                          "set it to false for CPU runs")
+    config = model_chunks[0].config
+    config.calculate_per_token_loss = True
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        use_distributed_optimizer=parallel_cfg.distributed_optimizer, check_for_nan_in_grad=False)
+    return [DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk,
+                                    disable_bucketing=i > 0) for i, chunk in enumerate(model_chunks)]
+
+
+def optimizer_config(optim_cfg: OptimConfig, model_cfg: ModelConfig, parallel_cfg: ParallelConfig, use_cuda: bool):
+    """megatron's OptimizerConfig for the recipe (fp32 everywhere on CPU; the model's dtype on GPU)."""
+    from megatron.core.optimizer import OptimizerConfig
+
+    o = optim_cfg
+    dtype = model_cfg.dtype if use_cuda else "fp32"
+    params_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    return OptimizerConfig(
+        optimizer="adam", decoupled_weight_decay=o.optimizer == "adamw",
+        lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
+        clip_grad=o.clip_grad if o.clip_grad > 0 else NO_CLIP,
+        bf16=dtype == "bf16", fp16=dtype == "fp16", params_dtype=params_dtype,
+        use_distributed_optimizer=parallel_cfg.distributed_optimizer and use_cuda,
+    )
+
+
+def build_optimizer(optim_cfg: OptimConfig, model_cfg: ModelConfig, parallel_cfg: ParallelConfig, ddp_chunks: list):
+    """megatron's optimizer over DDP-wrapped chunks (a ChainedOptimizer; `.step()` clips and returns the norm)."""
+    from megatron.core.optimizer import get_megatron_optimizer
+
+    use_cuda = torch.cuda.is_available()
+    config = optimizer_config(optim_cfg, model_cfg, parallel_cfg, use_cuda)
+    return get_megatron_optimizer(config, ddp_chunks)
+
+
+def build_scheduler(optim_cfg: OptimConfig, optimizer, decay_steps: int):
+    """megatron's OptimizerParamScheduler, advanced to step 1 so the first optimizer step uses `lr_at(.., 1, ..)`.
+
+    Call ``scheduler.step(1)`` after every optimizer step. `decay_steps` is the optimizer step where
+    the decay reaches ``optim.min_lr`` (``optim.lr_decay_steps`` or the run's number of optimizer steps).
+    """
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    check_optim_config(optim_cfg, decay_steps)
+    o = optim_cfg
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=o.lr_warmup_steps,
+        lr_decay_steps=decay_steps, lr_decay_style=o.lr_decay_style,
+        start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=1, wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=True)
+    scheduler.step(1)
+    return scheduler
+
+
+def current_lr(optimizer) -> float:
+    """The learning rate the next optimizer step uses (first parameter group; all groups share the schedule)."""
+    return float(optimizer.param_groups[0]["lr"])

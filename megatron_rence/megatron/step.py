@@ -1,0 +1,366 @@
+"""The trainer: microbatches of whole groups through megatron's pipeline schedule with an objective, then one optimizer step.
+
+    trainer = Trainer(cfg, build_model(...), parallel_state, vocab_size)
+    old = trainer.logprobs(sequences, temperature)                 # per response token, no grad, all ranks
+    metrics = trainer.train_step(sequences, objective, rewards=..., old_logprobs=old, ref_logprobs=None,
+                                 group_size=K, normalizer=objective.normalizer_for(...))
+
+Every rank receives the whole batch of one optimizer step (whole groups, row-major: group g = rows g*K..g*K+K-1).
+Data-parallel rank r trains on a contiguous share of the groups; each share is cut into microbatches of
+``train.micro_batch_size`` sequences (a multiple of K). Gradient normalisation (docs/interfaces.md,
+"objectives"): each microbatch's loss is (sum over its units) / global normalizer, so the trainer SUMS
+gradients over microbatches and data-parallel ranks. ``optim.wrap_ddp`` sets ``calculate_per_token_loss``:
+megatron's schedule then neither divides the loss by the number of microbatches nor DDP by the DP size, and
+our ``finalize_model_grads_func`` drops the token-count division. The gradient equals the gradient of
+``objective(whole batch, normalizer)`` however the batch is split.
+
+Pipeline stages of one call exchange [S, B, H] activations, so every microbatch of a call has the same
+padded length S (and, with pp > 1, the same number of rows: short microbatches get filler rows without
+response tokens). A data-parallel rank with fewer groups than the others runs filler microbatches so that
+every rank takes part in the gradient all-reduce.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_rence.config import Config, ConfigError
+from megatron_rence.megatron import checkpoint, logprobs as lp, optim, packing
+
+Seq = tuple[list[int], int]  # (prompt + response token ids, prompt length)
+FILLER: Seq = ([0], 1)  # a row without response tokens: pads microbatches, contributes nothing
+
+
+def check_micro_batch_size(micro_batch_size: int, group_size: int) -> None:
+    """ConfigError unless microbatches hold whole groups (every objective couples the K samples of a prompt)."""
+    if micro_batch_size < group_size or micro_batch_size % group_size:
+        raise ConfigError(f"train.micro_batch_size: {micro_batch_size} must be a multiple of the group size "
+                          f"rollout.num_samples={group_size} (microbatches hold whole groups)")
+
+
+def dp_share(num_items: int, dp_size: int, dp_rank: int) -> range:
+    """Contiguous share of `num_items` for one data-parallel rank (sizes differ by at most one)."""
+    return range(num_items * dp_rank // dp_size, num_items * (dp_rank + 1) // dp_size)
+
+
+def plan_microbatches(num_items: int, items_per_mb: int, dp_size: int, dp_rank: int) -> list[list[int]]:
+    """Item indices of each of this rank's microbatches; every DP rank gets the same number (empty = filler)."""
+    shares = [dp_share(num_items, dp_size, r) for r in range(dp_size)]
+    num_mb = max(1, max(math.ceil(len(s) / items_per_mb) for s in shares))
+    mine = list(shares[dp_rank])
+    return [mine[i * items_per_mb:(i + 1) * items_per_mb] for i in range(num_mb)]
+
+
+@dataclass
+class Microbatch:
+    """Rows 0..num_real-1 are real sequences, the rest filler. batch: [B, S]; old/ref_logprobs: [B, S] aligned with
+    the batch's targets (0 off the response); rewards: [num_real]; index: the rows' positions in the step's batch."""
+
+    batch: packing.PaddedBatch
+    num_real: int
+    index: list[int]
+    old_logprobs: Optional[torch.Tensor] = None
+    ref_logprobs: Optional[torch.Tensor] = None
+    rewards: Optional[torch.Tensor] = None
+
+
+def _pad_width(batch: packing.PaddedBatch, width: int, pad_id: int) -> packing.PaddedBatch:
+    """Right-pad every [B, S] field to [B, width]."""
+    extra = width - batch.tokens.shape[1]
+    assert extra >= 0, "sequence longer than the step's padded length"
+    if extra == 0:
+        return batch
+    pad = lambda t, value: torch.nn.functional.pad(t, (0, extra), value=value)  # noqa: E731
+    positions = torch.arange(width).unsqueeze(0).expand(batch.tokens.shape[0], -1).contiguous()
+    return packing.PaddedBatch(pad(batch.tokens, pad_id), positions, pad(batch.targets, packing.IGNORE),
+                               pad(batch.loss_mask, 0.0), batch.lengths, batch.prompt_lens)
+
+
+def scatter_response(values: Sequence[torch.Tensor], prompt_lens: Sequence[int], width: int) -> torch.Tensor:
+    """Per-sequence response-token values -> [B, width] at the positions whose target is that token (0 elsewhere)."""
+    out = torch.zeros(len(values), width, dtype=torch.float32)
+    for b, (v, p) in enumerate(zip(values, prompt_lens)):
+        out[b, p - 1:p - 1 + len(v)] = v.to(torch.float32)
+    return out
+
+
+class _GatherContextParallel(torch.autograd.Function):
+    """[B, S/cp] (this CP rank's chunks) -> [B, S] on every CP rank; backward keeps this rank's columns."""
+
+    @staticmethod
+    def forward(ctx, local, cp_group, cp_rank, cp_size):
+        parts = [torch.empty_like(local) for _ in range(cp_size)]
+        dist.all_gather(parts, local.contiguous(), group=cp_group)
+        width = local.shape[1] * cp_size
+        full = local.new_zeros(local.shape[0], width)
+        for r, part in enumerate(parts):
+            full[:, packing.cp_chunk_indices(width, r, cp_size).to(local.device)] = part
+        ctx.index = packing.cp_chunk_indices(width, cp_rank, cp_size).to(local.device)
+        return full
+
+    @staticmethod
+    def backward(ctx, grad_full):
+        return grad_full[:, ctx.index], None, None, None
+
+
+class Trainer:
+    """Model chunks + (unless `frozen`) DDP, megatron optimizer and LR schedule, driven by the pipeline schedule.
+
+    cfg: the whole Config (reads model, parallel, optim, train, rollout); model_chunks: `build_model`'s bare
+    GPTModel chunks (kept as `model_chunks`, shared with weight sync); state: `parallel.initialize`'s
+    ParallelState; vocab_size: the tokenizer's (log-probs exclude megatron's padded rows).
+    A frozen trainer (reference policy) only computes log-probs.
+    """
+
+    def __init__(self, cfg: Config, model_chunks: list, state, vocab_size: int, frozen: bool = False,
+                 pad_id: int = 0):
+        self.cfg, self.state, self.vocab_size, self.frozen, self.pad_id = cfg, state, vocab_size, frozen, pad_id
+        self.model_chunks = model_chunks
+        self.config = model_chunks[0].config
+        self.optimizer = self.scheduler = None
+        if frozen:
+            for chunk in model_chunks:
+                chunk.requires_grad_(False)
+            self.model = model_chunks
+            return
+        from megatron.core.distributed import finalize_model_grads
+
+        self.model = optim.wrap_ddp(model_chunks, cfg.parallel, use_cuda=not state.is_cpu)
+
+        def finalize(model, num_tokens=None, pg_collection=None, force_all_reduce=False):
+            # the loss is already normalised by the objective: no division by the schedule's token count
+            finalize_model_grads(model, None, pg_collection=pg_collection, force_all_reduce=force_all_reduce)
+
+        self.config.finalize_model_grads_func = finalize
+        self.optimizer = optim.build_optimizer(cfg.optim, cfg.model, cfg.parallel, self.model)
+        self.scheduler = optim.build_scheduler(cfg.optim, self.optimizer, self.decay_steps(cfg))
+
+    @staticmethod
+    def decay_steps(cfg: Config) -> int:
+        """`optim.lr_decay_steps`, else the run's optimizer steps (train.num_steps x steps per rollout batch)."""
+        if cfg.optim.lr_decay_steps is not None:
+            return cfg.optim.lr_decay_steps
+        per_rollout = max(1, cfg.rollout.prompts_per_step * cfg.rollout.num_samples // cfg.train.global_batch_size)
+        return cfg.train.num_steps * per_rollout
+
+    # ------------------------------------------------------------------ batches
+    def _width(self, sequences: Sequence[Seq]) -> int:
+        p = self.cfg.parallel
+        multiple = packing.pad_multiple(p.tp, p.cp, p.sequence_parallel, self.cfg.model.fp8 is not None)
+        longest = max(len(t) for t, _ in sequences)
+        if longest > self.cfg.model.max_position_embeddings:
+            raise ValueError(f"a sequence of {longest} tokens exceeds model.max_position_embeddings="
+                             f"{self.cfg.model.max_position_embeddings}")
+        return -(-longest // multiple) * multiple
+
+    def _microbatch(self, sequences, index: list[int], rows: int, width: int) -> Microbatch:
+        seqs = [sequences[i] for i in index]
+        fill = (rows - len(seqs)) if self.state.pp_size > 1 else (0 if seqs else 1)
+        batch = packing.pad_batch(seqs + [FILLER] * fill, self.pad_id)
+        return Microbatch(_pad_width(batch, width, self.pad_id).to(self.state.device), len(seqs), index)
+
+    def _cp_local(self, batch: packing.PaddedBatch) -> packing.PaddedBatch:
+        return packing.split_padded_for_cp(batch, self.state.cp_rank, self.state.cp_size)
+
+    def _token_logprobs(self, logits: torch.Tensor, mb: Microbatch, temperature: float) -> torch.Tensor:
+        """[B, S] per-position log-probs of the targets (0 off the response), whole sequence on every CP rank."""
+        local = self._cp_local(mb.batch)
+        token_lp = lp.logprobs_from_logits(logits, local, self.state.tp_group, temperature, self.vocab_size)
+        if self.state.cp_size > 1:
+            token_lp = _GatherContextParallel.apply(token_lp, self.state.cp_group, self.state.cp_rank,
+                                                    self.state.cp_size)
+        return token_lp
+
+    def _run_schedule(self, microbatches: list[Microbatch], loss_func, forward_only: bool) -> None:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            local = self._cp_local(mb.batch)
+            output = model(local.tokens, local.position_ids, None)
+            return output, lambda logits: loss_func(logits, mb)
+
+        rows, width = microbatches[0].batch.tokens.shape
+        get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=[iter(microbatches) for _ in self.model],
+            model=self.model, num_microbatches=len(microbatches), seq_length=width, micro_batch_size=rows,
+            forward_only=forward_only)
+
+    @property
+    def _reports(self) -> bool:
+        """This rank holds the loss side (last stage, first TP and CP rank): its metrics count once per DP rank."""
+        return self.state.is_last_stage and self.state.tp_rank == 0 and self.state.cp_rank == 0
+
+    # ------------------------------------------------------------------ log-probs
+    @torch.no_grad()
+    def logprobs(self, sequences: Sequence[Seq], temperature: float = 1.0) -> list[torch.Tensor]:
+        """Per-sequence fp32 log-probs of the response tokens under softmax(logits / temperature), on every rank."""
+        mbs = self.cfg.train.logprobs_micro_batch_size or self.cfg.train.micro_batch_size
+        plan = plan_microbatches(len(sequences), mbs, self.state.dp_size, self.state.dp_rank)
+        rows, width = min(mbs, max(len(p) for p in plan) or 1), self._width(sequences)
+        microbatches = [self._microbatch(sequences, index, rows, width) for index in plan]
+        found: dict[int, torch.Tensor] = {}
+
+        def loss_func(logits, mb: Microbatch):
+            token_lp = self._token_logprobs(logits, mb, temperature)
+            per_seq = mb.batch.response_logprobs(token_lp.float().cpu())
+            for i, values in zip(mb.index, per_seq[:mb.num_real]):
+                found[i] = values.clone()
+            return token_lp.sum() * 0.0, torch.zeros((), dtype=torch.int, device=token_lp.device), {}
+
+        for chunk in self.model:
+            chunk.eval()
+        self._run_schedule(microbatches, loss_func, forward_only=True)
+        found = self._gather_dict(found if self._reports else {})
+        assert sorted(found) == list(range(len(sequences))), "every sequence must get log-probs exactly once"
+        return [found[i] for i in range(len(sequences))]
+
+    def _gather_dict(self, local: dict) -> dict:
+        if self.state.world_size == 1:
+            return local
+        parts: list = [None] * self.state.world_size
+        dist.all_gather_object(parts, local)
+        return {k: v for part in parts for k, v in part.items()}
+
+    # ------------------------------------------------------------------ training
+    def _check_inputs(self, sequences, objective, rewards, old_logprobs, ref_logprobs, group_size) -> None:
+        n = len(sequences)
+        if n == 0 or n % group_size:
+            raise ValueError(f"train_step: {n} sequences are not whole groups of group_size={group_size}")
+        check_micro_batch_size(self.cfg.train.micro_batch_size, group_size)
+        if rewards.shape != (n,):
+            raise ValueError(f"train_step: rewards must have shape [{n}], got {tuple(rewards.shape)}")
+        if objective.needs_ref and ref_logprobs is None:
+            raise ValueError(f"train_step: objective {objective.name} needs ref_logprobs")
+        for name, values in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
+            if values is None:
+                continue
+            if len(values) != n:
+                raise ValueError(f"train_step: {name} has {len(values)} entries for {n} sequences")
+            for i, ((tokens, prompt_len), v) in enumerate(zip(sequences, values)):
+                if len(v) != len(tokens) - prompt_len:
+                    raise ValueError(f"train_step: {name}[{i}] has {len(v)} values for "
+                                     f"{len(tokens) - prompt_len} response tokens")
+
+    def train_step(self, sequences: Sequence[Seq], objective, rewards: torch.Tensor,
+                   old_logprobs: Sequence[torch.Tensor], ref_logprobs: Optional[Sequence[torch.Tensor]] = None,
+                   group_size: int = 1, normalizer: float = 1.0, temperature: Optional[float] = None) -> dict:
+        """One optimizer step on whole groups; returns metrics summed over microbatches and DP ranks (all ranks).
+
+        rewards [N] shaped rewards; old_logprobs / ref_logprobs: N tensors of per-response-token log-probs;
+        normalizer: the objective's count of loss units over this step's groups (all DP ranks);
+        temperature: of the log-probs (default rollout.temperature, matching old_logprobs).
+        """
+        assert not self.frozen, "a frozen trainer does not train"
+        rewards = torch.as_tensor(rewards, dtype=torch.float32)
+        self._check_inputs(sequences, objective, rewards, old_logprobs, ref_logprobs, group_size)
+        temperature = self.cfg.rollout.temperature if temperature is None else temperature
+        k, mbs = group_size, self.cfg.train.micro_batch_size
+        group_plan = plan_microbatches(len(sequences) // k, mbs // k, self.state.dp_size, self.state.dp_rank)
+        plan = [[g * k + j for g in groups for j in range(k)] for groups in group_plan]
+        all_rows = [len(p) * k for r in range(self.state.dp_size)
+                    for p in plan_microbatches(len(sequences) // k, mbs // k, self.state.dp_size, r)]
+        rows, width = min(mbs, max(all_rows) or k), self._width(sequences)
+        microbatches = []
+        for index in plan:
+            mb = self._microbatch(sequences, index, rows, width)
+            prompt_lens = [sequences[i][1] for i in index]
+            dev = self.state.device
+            mb.old_logprobs = scatter_response([old_logprobs[i] for i in index], prompt_lens, width).to(dev)
+            if ref_logprobs is not None:
+                mb.ref_logprobs = scatter_response([ref_logprobs[i] for i in index], prompt_lens, width).to(dev)
+            mb.rewards = rewards[index].to(dev)
+            microbatches.append(mb)
+        sums: dict[str, float] = {}
+
+        def loss_func(logits, mb: Microbatch):
+            from megatron_rence.objectives import ObjectiveBatch
+
+            token_lp = self._token_logprobs(logits, mb, temperature)
+            num_tokens = torch.zeros((), dtype=torch.int, device=token_lp.device)
+            if mb.num_real == 0:
+                return token_lp.sum() * 0.0, num_tokens, {}
+            n = mb.num_real
+            ref = mb.ref_logprobs[:n] if mb.ref_logprobs is not None else None
+            batch = ObjectiveBatch(token_lp[:n], mb.old_logprobs[:n], mb.batch.loss_mask[:n], mb.rewards, k, ref)
+            loss, metrics = objective(batch, normalizer)
+            if not loss.requires_grad:  # e.g. no usable group in this microbatch: a zero that backward accepts
+                loss = loss + token_lp.sum() * 0.0
+            metrics = dict(metrics, **{"loss/total": loss.item(), "train/num_sequences": float(n),
+                                       "train/num_response_tokens": float(mb.batch.loss_mask[:n].sum().item())})
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+            return loss, num_tokens, {}
+
+        return self._step(microbatches, loss_func, sums)
+
+    def _step(self, microbatches: list[Microbatch], loss_func, sums: dict) -> dict:
+        t0 = time.perf_counter()
+        for chunk in self.model:
+            chunk.train()
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        self._run_schedule(microbatches, loss_func, forward_only=False)
+        t1 = time.perf_counter()
+        lr = optim.current_lr(self.optimizer)
+        before = self._fingerprints()
+        update_successful, grad_norm, _ = self.optimizer.step()
+        changed = int((self._fingerprints() != before).any(dim=1).sum().item())
+        self.scheduler.step(1)
+        t2 = time.perf_counter()
+        parts = self._gather_dict({self.state.rank: (sums if self._reports else {}, changed, before.shape[0])})
+        metrics: dict[str, float] = {}
+        for local, _, _ in parts.values():
+            for key, value in local.items():
+                metrics[key] = metrics.get(key, 0.0) + value
+        metrics.update({
+            "train/grad_norm": float(grad_norm if grad_norm is not None else float("nan")),
+            "train/lr": lr, "train/update_skipped": 0.0 if update_successful else 1.0,
+            "train/weights_changed": sum(c for _, c, _ in parts.values()) / max(1, sum(t for _, _, t in parts.values())),
+            "train/num_microbatches": float(len(microbatches)),
+            "perf/fwd_bwd_s": t1 - t0, "perf/optimizer_s": t2 - t1,
+        })
+        return metrics
+
+    @torch.no_grad()
+    def _fingerprints(self) -> torch.Tensor:
+        """[num local parameter tensors, 2] float64 (sum, sum of squares): cheap evidence that weights changed."""
+        rows = [torch.stack([p.detach().double().sum(), p.detach().double().square().sum()])
+                for chunk in self.model_chunks for p in chunk.parameters()]
+        return torch.stack(rows).cpu() if rows else torch.zeros(0, 2, dtype=torch.float64)
+
+    # ------------------------------------------------------------------ state
+    def save(self, ckpt_root, step: int, run_state: dict, keep_last: Optional[int] = None) -> Path:
+        """Atomic checkpoint of weights, optimizer, LR schedule and `run_state` (see checkpoint.save)."""
+        return checkpoint.save(ckpt_root, step, self.model_chunks, self.optimizer, self.scheduler, run_state,
+                               keep_last=keep_last)
+
+    def load(self, path, weights_only: bool = False) -> dict:
+        """Load `path` (a checkpoint root -> its latest, or one iter_* dir); returns the saved run state."""
+        state = checkpoint.load(path, self.model_chunks, None if weights_only else self.optimizer,
+                                None if weights_only else self.scheduler)
+        if weights_only and self.optimizer is not None:
+            self.optimizer.reload_model_params()  # mixed precision: fp32 main params from the loaded weights
+        return state
+
+    @torch.no_grad()
+    def copy_weights_from(self, other: "Trainer") -> None:
+        """Copy another trainer's weights (same model and layout), e.g. the reference policy from the policy."""
+        for mine, theirs in zip(self.model_chunks, other.model_chunks, strict=True):
+            for (name, p), (other_name, q) in zip(mine.named_parameters(), theirs.named_parameters(), strict=True):
+                assert name == other_name, (name, other_name)
+                p.copy_(q)
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank if `flag` is True on any rank (e.g. a signal that reached one process)."""
+        if self.state.world_size == 1:
+            return bool(flag)
+        t = torch.tensor([1 if flag else 0], device=self.state.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())

@@ -1,0 +1,193 @@
+"""Trainer (one process): the gradient is that of objective(whole batch, normalizer) however the batch is split,
+microbatch planning over data-parallel ranks, input validation, and the LR schedule's hand-computed values."""
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from megatron_rence.config import Config, ConfigError, ModelConfig, ObjectiveConfig, OptimConfig
+from megatron_rence.megatron import cpu_compat, logprobs, optim, packing, parallel
+from megatron_rence.megatron.model import build_model
+from megatron_rence.megatron.step import Trainer, plan_microbatches, scatter_response
+from megatron_rence.objectives import ObjectiveBatch, get_objective
+
+VOCAB = 61
+K = 4  # group size
+MODEL = ModelConfig(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                    max_position_embeddings=64, make_vocab_size_divisible_by=8, dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+def pstate():
+    was_applied = cpu_compat.is_applied()
+    state = parallel.initialize(Config().parallel, seed=5)
+    yield state
+    parallel.destroy()
+    if not was_applied:
+        cpu_compat.restore()
+
+
+def make_cfg(micro_batch_size: int, objective: str = "rence", **optim_fields) -> Config:
+    cfg = Config()
+    cfg.model = MODEL
+    cfg.objective = ObjectiveConfig(name=objective, kl_coef=0.05 if objective == "grpo" else 0.0)
+    cfg.optim = OptimConfig(lr=1e-3, clip_grad=0.0, **optim_fields)
+    cfg.train.micro_batch_size = micro_batch_size
+    cfg.train.num_steps = 10
+    cfg.rollout.num_samples = K
+    cfg.rollout.temperature = 0.9
+    return cfg
+
+
+def batch(num_groups: int = 4, seed: int = 0):
+    """Sequences of varying prompt/response lengths, binary rewards with mixed groups, perturbed old/ref log-probs."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = []
+    for _ in range(num_groups * K):
+        prompt_len = int(torch.randint(2, 6, (1,), generator=g))
+        response_len = int(torch.randint(1, 9, (1,), generator=g))
+        seqs.append((torch.randint(1, VOCAB, (prompt_len + response_len,), generator=g).tolist(), prompt_len))
+    rewards = torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 1.0, 0.0], [1.0, 1.0, 1.0, 0.0], [0.0, 1.0, 0.0, 0.0]]
+                           * (num_groups // 4 + 1))[:num_groups].reshape(-1)
+    return seqs, rewards, g
+
+
+def trainer(cfg: Config, pstate, source=None) -> Trainer:
+    t = Trainer(cfg, build_model(cfg.model, cfg.parallel, VOCAB), pstate, VOCAB)
+    if source is not None:
+        t.copy_weights_from(source)
+    return t
+
+
+def perturbed(values, g, scale=0.3):
+    return [v + scale * torch.randn(v.shape, generator=g) for v in values]
+
+
+def reference_grads(cfg, source: Trainer, seqs, rewards, old, ref, objective, normalizer):
+    """Gradient of objective(whole batch, normalizer) by a plain forward/backward of an unwrapped copy."""
+    model = build_model(cfg.model, cfg.parallel, VOCAB)[0]
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), source.model_chunks[0].parameters()):
+            p.copy_(q)
+    whole = packing.pad_batch(seqs, 0)
+    token_lp = logprobs.logprobs_from_logits(model(whole.tokens, whole.position_ids, None), whole, None,
+                                             cfg.rollout.temperature, VOCAB)
+    width, prompt_lens = whole.tokens.shape[1], [p for _, p in seqs]
+    mb = ObjectiveBatch(token_lp, scatter_response(old, prompt_lens, width), whole.loss_mask, rewards, K,
+                        scatter_response(ref, prompt_lens, width) if ref is not None else None)
+    loss, _ = objective(mb, normalizer)
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("objective_name", ["rence", "grpo", "dapo", "online_dpo"])
+def test_microbatch_split_gives_the_whole_batch_gradient_and_update(pstate, objective_name):
+    seqs, rewards, g = batch()
+    base = trainer(make_cfg(K, objective_name), pstate)
+    old = perturbed(base.logprobs(seqs, 0.9), g)
+    ref = perturbed(base.logprobs(seqs, 0.9), g, 0.2)
+    objective = get_objective(make_cfg(K, objective_name).objective)
+    normalizer = objective.normalizer_for(rewards.reshape(-1, K), [len(v) for v in old])
+    want_loss, want = reference_grads(base.cfg, base, seqs, rewards, old, ref, objective, normalizer)
+    params = {}
+    for mbs in (K, 2 * K, len(seqs)):  # 4 microbatches, 2, the whole batch in one
+        t = trainer(make_cfg(mbs, objective_name), pstate, source=base)
+        metrics = t.train_step(seqs, objective, rewards, old, ref, group_size=K, normalizer=normalizer)
+        assert metrics["train/num_microbatches"] == len(seqs) // mbs
+        assert metrics["loss/total"] == pytest.approx(want_loss, rel=1e-5)
+        assert metrics["train/num_sequences"] == len(seqs)
+        for (name, p) in t.model_chunks[0].named_parameters():
+            torch.testing.assert_close(p.main_grad, want[name], rtol=1e-5, atol=1e-7, msg=f"{mbs}: {name}")
+        params[mbs] = [p.detach().clone() for p in t.model_chunks[0].parameters()]
+        assert metrics["train/weights_changed"] == 1.0
+    for mbs in (2 * K, len(seqs)):
+        for a, b in zip(params[K], params[mbs]):
+            # Adam step 1 is ~lr*g/(|g|+eps): entries with |g| near eps amplify rounding; 1e-6 = 0.1% of lr
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_logprobs_match_the_unwrapped_model(pstate):
+    seqs, _, _ = batch(2)
+    t = trainer(make_cfg(K), pstate)
+    got = t.logprobs(seqs, temperature=0.7)
+    whole = packing.pad_batch(seqs, 0)
+    with torch.no_grad():
+        logits = t.model_chunks[0](whole.tokens, whole.position_ids, None)
+    want = whole.response_logprobs(torch.log_softmax(logits[..., :VOCAB].float() / 0.7, -1)
+                                   .gather(-1, whole.targets.clamp(min=0).unsqueeze(-1)).squeeze(-1))
+    assert [len(v) for v in got] == [len(s) - p for s, p in seqs]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_step_lowers_the_loss_and_follows_the_lr_schedule(pstate):
+    seqs, rewards, _ = batch(2)
+    cfg = make_cfg(2 * K, lr_warmup_steps=2, lr_decay_style="linear", min_lr=0.0)
+    cfg.optim.lr = 1e-2
+    t = trainer(cfg, pstate)
+    objective = get_objective(cfg.objective)
+    old = t.logprobs(seqs, 0.9)
+    normalizer = objective.normalizer_for(rewards.reshape(-1, K), [len(v) for v in old])
+    losses, lrs = [], []
+    for _ in range(3):
+        m = t.train_step(seqs, objective, rewards, old, group_size=K, normalizer=normalizer)
+        losses.append(m["loss/total"])
+        lrs.append(m["train/lr"])
+    # decay to 0 at step 10 (train.num_steps x 1 optimizer step per rollout): 1/2, 1, then 1 - 1/8
+    assert lrs == pytest.approx([5e-3, 1e-2, 1e-2 * (1 - 1 / 8)])
+    # ReNCE at theta = theta_old: ln(1 + |N|) per positive; groups with |N| = 2 and |N| = 3, mean over groups
+    assert losses[0] == pytest.approx((math.log(3) + math.log(4)) / 2, rel=1e-5)
+    assert losses[2] < losses[1] < losses[0]
+
+
+def test_plan_microbatches_gives_every_rank_the_same_count():
+    assert plan_microbatches(5, 2, 1, 0) == [[0, 1], [2, 3], [4]]
+    assert plan_microbatches(5, 2, 2, 0) == [[0, 1], []]  # 2 groups vs 3 on the other rank: one filler
+    assert plan_microbatches(5, 2, 2, 1) == [[2, 3], [4]]
+    assert plan_microbatches(1, 2, 2, 0) == [[]]
+    assert plan_microbatches(1, 2, 2, 1) == [[0]]
+
+
+def test_input_errors_name_the_key(pstate):
+    seqs, rewards, _ = batch(2)
+    t = trainer(make_cfg(K + 2), pstate)
+    objective = get_objective(t.cfg.objective)
+    old = [torch.zeros(len(s) - p) for s, p in seqs]
+    with pytest.raises(ConfigError, match="train.micro_batch_size"):
+        t.train_step(seqs, objective, rewards, old, group_size=K, normalizer=1.0)
+    t = trainer(make_cfg(K), pstate)
+    with pytest.raises(ValueError, match=r"old_logprobs\[0\]"):
+        t.train_step(seqs, objective, rewards, [torch.zeros(1)] + old[1:], group_size=K, normalizer=1.0)
+    with pytest.raises(ValueError, match="whole groups"):
+        t.train_step(seqs[:-1], objective, rewards[:-1], old[:-1], group_size=K, normalizer=1.0)
+    with pytest.raises(ValueError, match="needs ref_logprobs"):
+        t.train_step(seqs, get_objective(ObjectiveConfig(name="online_dpo")), rewards, old, group_size=K,
+                     normalizer=1.0)
+
+
+def _lrs(optim_cfg: OptimConfig, decay_steps: int, n: int) -> list[float]:
+    groups = [{"lr": None}, {"lr": None, "wd_mult": 0.0}]
+    scheduler = optim.build_scheduler(optim_cfg, SimpleNamespace(param_groups=groups), decay_steps)
+    out = []
+    for _ in range(n):
+        assert groups[0]["lr"] == groups[1]["lr"]
+        out.append(groups[0]["lr"])  # the lr optimizer step 1, 2, ... runs at
+        scheduler.step(1)
+    return out
+
+
+def test_lr_schedule_hand_computed():
+    cos = OptimConfig(lr=1.0, min_lr=0.1, lr_warmup_steps=2, lr_decay_style="cosine")
+    want = [0.5, 1.0, 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)), 0.55, 0.1 + 0.9 * 0.5 * (1 + math.cos(3 * math.pi / 4)),
+            0.1, 0.1]
+    assert _lrs(cos, 6, 7) == pytest.approx(want)
+    assert [optim.lr_at(cos, s, 6) for s in range(1, 8)] == pytest.approx(want)
+    linear = OptimConfig(lr=2.0, min_lr=0.0, lr_warmup_steps=0, lr_decay_style="linear")
+    assert _lrs(linear, 4, 5) == pytest.approx([1.5, 1.0, 0.5, 0.0, 0.0])
+    constant = OptimConfig(lr=3.0, lr_warmup_steps=3, lr_decay_style="constant")
+    assert _lrs(constant, 4, 5) == pytest.approx([1.0, 2.0, 3.0, 3.0, 3.0])
+    with pytest.raises(ConfigError, match="optim.lr_decay_steps"):
+        _lrs(OptimConfig(lr_warmup_steps=5), 5, 1)
+    with pytest.raises(ConfigError, match="optim.min_lr"):
+        _lrs(OptimConfig(lr=1.0, min_lr=2.0), 5, 1)
