@@ -41,6 +41,22 @@ def engine_layout(cfg: Config, rank: int, world_size: int) -> tuple[Optional[int
     return (rank // tp if rank % tp == 0 else None), world_size // tp
 
 
+def engine_owner_ranks(cfg: Config, world_size: int) -> list[int]:
+    """The ranks that hold an engine (and receive the full weights every sync)."""
+    return [r for r in range(world_size) if engine_layout(cfg, r, world_size)[0] is not None]
+
+
+def check_engine_sync(model_chunks, model_cfg, vocab_size: int, engine, pstate, dst_ranks: list[int]) -> dict:
+    """max |engine weight - trainer weight| over every HF tensor (debug; the CPU engine's weights are readable)."""
+    from megatron_rence.weights.sync import iter_hf_buckets
+
+    worst = 0.0
+    for bucket in iter_hf_buckets(model_chunks, model_cfg, vocab_size, 1 << 62, pstate, dst_ranks):
+        for name, tensor in bucket:
+            worst = max(worst, (engine.named_weight(name) - tensor).abs().max().item())
+    return {"sync/max_abs_diff": worst} if engine is not None else {}
+
+
 def _gather_objects(local: list) -> list:
     """Concatenate each rank's list on every rank (rank order)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:

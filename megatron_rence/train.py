@@ -32,6 +32,8 @@ class Run:
     engine: Any  # None on ranks that hold no engine
     engine_index: int
     num_engines: int
+    engine_ranks: list[int]
+    vocab_size: int
     reward_pool: Any
     logger: Any  # None except on rank 0
     start_step: int
@@ -60,7 +62,7 @@ def setup(cfg: Config, resume: bool) -> Run:
     from megatron_rence.metrics import MetricsLogger
     from megatron_rence.objectives import get_objective
     from megatron_rence.rewards.pool import RewardPool
-    from megatron_rence.phases import engine_layout
+    from megatron_rence.phases import engine_layout, engine_owner_ranks
     from megatron_rence.rollout.engine import build_engine
     from megatron_rence.weights.hf_config import to_hf_config
 
@@ -68,12 +70,13 @@ def setup(cfg: Config, resume: bool) -> Run:
     check_world_size(cfg, pstate.world_size)
     tokenizer = load_tokenizer(cfg.model)
     vocab_size = cfg.model.vocab_size or len(tokenizer)
-    trainer = Trainer(cfg, build_model(cfg.model, cfg.parallel, vocab_size), pstate, vocab_size)
+    trainer = Trainer(cfg, build_model(cfg.model, cfg.parallel, vocab_size), pstate, vocab_size,
+                      pad_id=tokenizer.pad_token_id)
     objective = get_objective(cfg.objective)
     ref_trainer = None
     if objective.needs_ref:
         ref_trainer = Trainer(cfg, build_model(cfg.model, cfg.parallel, vocab_size), pstate, vocab_size,
-                              frozen=True)
+                              frozen=True, pad_id=tokenizer.pad_token_id)
     dataset = PromptDataset(cfg.data, tokenizer)
     ckpt_dir = Path(cfg.checkpoint.dir or Path(cfg.train.run_dir) / "checkpoints")
     start_step, resume_step = 0, None
@@ -92,26 +95,32 @@ def setup(cfg: Config, resume: bool) -> Run:
     engine_index, num_engines = engine_layout(cfg, pstate.rank, pstate.world_size)
     engine = reward_pool = None
     if engine_index is not None:
-        engine = build_engine(cfg, to_hf_config(cfg.model, vocab_size), tokenizer)
+        hf_config = to_hf_config(cfg.model, vocab_size, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        engine = build_engine(cfg, hf_config, tokenizer)
         reward_pool = RewardPool(cfg.reward)
     logger = None
     if pstate.rank == 0:
         save_resolved(cfg, cfg.train.run_dir)
         logger = MetricsLogger(cfg.logging, cfg.train.run_dir, cfg.train.num_steps, start_step, resume_step)
     return Run(cfg, pstate, tokenizer, trainer, ref_trainer, objective, dataset, engine,
-               engine_index if engine_index is not None else -1, num_engines, reward_pool, logger, start_step)
+               engine_index if engine_index is not None else -1, num_engines,
+               engine_owner_ranks(cfg, pstate.world_size), vocab_size, reward_pool, logger, start_step)
 
 
 def sync_weights(run: Run, version: int) -> dict:
     """Trainer shards -> HF layout buckets -> the engine, in place."""
+    from megatron_rence.phases import check_engine_sync
     from megatron_rence.weights.sync import push_weights
 
     if run.engine is not None:
         run.engine.resume_memory(tags=["weights"])
-    metrics = push_weights(run.trainer.model_chunks, run.cfg.model, run.engine, version,
-                           run.cfg.weights.bucket_bytes, run.pstate)
+    chunks, model_cfg = run.trainer.model_chunks, run.cfg.model
+    metrics = push_weights(chunks, model_cfg, run.vocab_size, run.engine, version, run.cfg.weights.bucket_bytes,
+                           run.pstate, run.engine_ranks)
     if run.engine is not None:
         run.engine.resume_memory(tags=["kv_cache"])
+    if run.cfg.train.debug_check_sync:
+        metrics.update(check_engine_sync(chunks, model_cfg, run.vocab_size, run.engine, run.pstate, run.engine_ranks))
     return metrics
 
 

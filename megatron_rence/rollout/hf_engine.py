@@ -70,6 +70,10 @@ class HFEngine:
                 self.loaded.add(name)
         self.weight_version = version
 
+    def named_weight(self, name: str) -> torch.Tensor:
+        """The engine's current tensor for HF parameter `name` (for sync checks)."""
+        return self._param(name).detach()
+
     def _param(self, name: str) -> torch.Tensor:
         if name in self.params:
             return self.params[name]
