@@ -159,8 +159,12 @@ def _layout() -> dict:
 def _write_sharded(tmp: Path, model_chunks: list, optimizer, scheduler, step: int) -> None:
     from megatron.core import dist_checkpointing
 
+    try:  # the torch_dist writer's forked workers import it; without it they die and the save hangs
+        import psutil  # noqa: F401
+    except ImportError as e:
+        raise ImportError("checkpoints need psutil (megatron's torch_dist writer): pip install psutil") from e
     state = _model_sharded_state_dict(model_chunks)
-    if optimizer is not None:
+    if has_optimizer_state(optimizer):
         state["optimizer"] = optimizer.sharded_state_dict(state)
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
@@ -168,14 +172,23 @@ def _write_sharded(tmp: Path, model_chunks: list, optimizer, scheduler, step: in
     dist_checkpointing.save(state, str(tmp))
 
 
-def _write_run_state(tmp: Path, run_state: dict, step: int) -> None:
+def has_optimizer_state(optimizer) -> bool:
+    """Whether the optimizer holds moments (it has none before its first step; then only weights are saved)."""
+    if optimizer is None:
+        return False
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    return any(p.optimizer is not None and len(p.optimizer.state) > 0 for p in parts)
+
+
+def _write_run_state(tmp: Path, run_state: dict, step: int, optimizer_state: bool) -> None:
     """Per rank: its RNG states; rank 0: the run state and meta.json. Files are fsynced by their writer."""
     rng_file = tmp / "rng" / f"rank_{_rank():05d}.pt"
     torch.save(rng_state(), rng_file)
     _fsync_path(rng_file)
     if _rank() == 0:
         torch.save(run_state, tmp / RUN_STATE)
-        (tmp / META).write_text(json.dumps({"step": step, **_layout()}, indent=1))
+        meta = {"step": step, "optimizer_state": optimizer_state, **_layout()}
+        (tmp / META).write_text(json.dumps(meta, indent=1))
 
 
 def save(ckpt_root: PathLike, step: int, model_chunks: list, optimizer=None, scheduler=None,
@@ -192,10 +205,13 @@ def save(ckpt_root: PathLike, step: int, model_chunks: list, optimizer=None, sch
     if _rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt at this step
-        (tmp / "rng").mkdir(parents=True)
+        tmp.mkdir(parents=True)
     _barrier()
-    _write_sharded(tmp, model_chunks, optimizer, scheduler, step)
-    _write_run_state(tmp, dict(run_state or {}), step)
+    _write_sharded(tmp, model_chunks, optimizer, scheduler, step)  # ends with a barrier
+    if _rank() == 0:
+        (tmp / "rng").mkdir()
+    _barrier()
+    _write_run_state(tmp, dict(run_state or {}), step, has_optimizer_state(optimizer))
     _barrier()  # every rank's files are written and fsynced by their writer
     if _rank() == 0:
         _fsync_tree(tmp)
@@ -234,21 +250,21 @@ def load(path: PathLike, model_chunks: list, optimizer=None, scheduler=None) -> 
     from megatron.core import dist_checkpointing
 
     ckpt = resolve(path)
+    meta = json.loads((ckpt / META).read_text())
     request = _model_sharded_state_dict(model_chunks)
-    if optimizer is not None:
+    if optimizer is not None and meta["optimizer_state"]:  # else: saved before the first step, nothing to load
         request["optimizer"] = optimizer.sharded_state_dict(request, is_loading=True)
     loaded = dist_checkpointing.load(request, str(ckpt))
     keys = ["model"] if len(model_chunks) == 1 else [f"model{i}" for i in range(len(model_chunks))]
     for key, chunk in zip(keys, model_chunks):
         chunk.load_state_dict(loaded[key], strict=True)
-    if optimizer is not None:
+    if "optimizer" in request:
         optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None:
         if "scheduler" not in loaded:
             raise ValueError(f"checkpoint {ckpt} has no LR scheduler state (saved weights only)")
         scheduler.num_steps = 0  # load_state_dict advances by the saved count
         scheduler.load_state_dict(loaded["scheduler"])
-    meta = json.loads((ckpt / META).read_text())
     if meta["world_size"] == _world_size():
         set_rng_state(torch.load(ckpt / "rng" / f"rank_{_rank():05d}.pt", weights_only=False))
     elif _rank() == 0:

@@ -1,0 +1,136 @@
+"""Checkpoints (one process): round trip of weights, Adam state, LR schedule, RNG and run state; a crash mid-save
+leaves the previous checkpoint and `latest` intact; keep_last pruning; error messages name the path."""
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_rence.config import Config, ModelConfig, ObjectiveConfig, OptimConfig
+from megatron_rence.megatron import checkpoint, cpu_compat, parallel
+from megatron_rence.megatron.model import build_model
+from megatron_rence.megatron.step import Trainer
+from megatron_rence.objectives import get_objective
+
+VOCAB = 53
+K = 2
+
+
+@pytest.fixture(scope="module")
+def pstate():
+    was_applied = cpu_compat.is_applied()
+    state = parallel.initialize(Config().parallel, seed=11)
+    yield state
+    parallel.destroy()
+    if not was_applied:
+        cpu_compat.restore()
+
+
+def make_trainer(pstate, seed: int) -> Trainer:
+    cfg = Config()
+    cfg.model = ModelConfig(num_layers=2, hidden_size=32, ffn_hidden_size=48, num_attention_heads=4,
+                            num_query_groups=2, max_position_embeddings=32, make_vocab_size_divisible_by=8,
+                            tie_word_embeddings=True, dtype="fp32")
+    cfg.objective = ObjectiveConfig(name="grpo")
+    cfg.optim = OptimConfig(lr=1e-2, lr_warmup_steps=1, lr_decay_style="cosine", weight_decay=0.1)
+    cfg.train.micro_batch_size, cfg.train.num_steps, cfg.rollout.num_samples = 2 * K, 8, K
+    torch.manual_seed(seed)  # CPU initialisation draws from the default generator: different seed, other weights
+    return Trainer(cfg, build_model(cfg.model, cfg.parallel, VOCAB), pstate, VOCAB)
+
+
+def step(t: Trainer, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    seqs = [(torch.randint(1, VOCAB, (7,), generator=g).tolist(), 3) for _ in range(2 * K)]
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    objective = get_objective(t.cfg.objective)
+    old = [v + 0.1 for v in t.logprobs(seqs, 1.0)]
+    return t.train_step(seqs, objective, rewards, old, group_size=K, normalizer=4.0)
+
+
+def params(t: Trainer) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in t.model_chunks[0].parameters()]
+
+
+def test_round_trip_restores_weights_adam_state_schedule_rng_and_run_state(pstate, tmp_path):
+    a = make_trainer(pstate, seed=1)
+    step(a, 0)
+    step(a, 1)
+    run_state = {"step": 2, "data": {"epoch": 0, "index": 17}, "objective": {"name": "grpo", "kl": {"coef": 0.3}}}
+    random.seed(3), np.random.seed(3), torch.manual_seed(3)
+    path = a.save(tmp_path, 2, run_state)
+    assert path == tmp_path / "iter_0000002" and checkpoint.latest(tmp_path) == path
+    draws = (random.random(), np.random.rand(), torch.rand(1))
+    m3 = step(a, 2)  # continue the original: the third step's update depends on Adam moments and lr
+    after = params(a)
+
+    b = make_trainer(pstate, seed=2)
+    assert any(not torch.equal(x, y) for x, y in zip(params(b), params(a)))
+    loaded = b.load(tmp_path)  # the root: resolves `latest`
+    assert loaded["checkpoint"] == str(path)
+    assert {k: v for k, v in loaded.items() if k != "checkpoint"} == run_state
+    assert (random.random(), np.random.rand(), torch.rand(1)) == draws  # RNG states restored
+    assert b.scheduler.num_steps == a.scheduler.num_steps - 1
+    m3b = step(b, 2)
+    assert m3b["train/lr"] == m3["train/lr"]
+    assert m3b["loss/total"] == pytest.approx(m3["loss/total"], rel=1e-6)
+    for x, y in zip(params(b), after):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-7)
+
+    c = make_trainer(pstate, seed=3)  # weights only: same weights, fresh optimizer and schedule
+    c.load(path, weights_only=True)
+    assert c.scheduler.num_steps == 1
+    for x, y in zip(params(c), params(make_trainer_loaded(pstate, path))):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def make_trainer_loaded(pstate, path) -> Trainer:
+    t = make_trainer(pstate, seed=4)
+    t.load(path)
+    return t
+
+
+def test_crash_mid_save_keeps_previous_checkpoint_and_latest(pstate, tmp_path, monkeypatch):
+    t = make_trainer(pstate, seed=1)
+    step(t, 0)
+    good = t.save(tmp_path, 1, {"step": 1})
+    saved = params(t)
+    step(t, 1)
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("simulated crash after the sharded tensors were written")
+
+    monkeypatch.setattr(checkpoint, "_write_run_state", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        t.save(tmp_path, 2, {"step": 2})
+    monkeypatch.undo()
+    assert (tmp_path / "iter_0000002.tmp").is_dir() and not (tmp_path / "iter_0000002").exists()
+    assert (tmp_path / "latest").read_text().strip() == "iter_0000001"
+    assert checkpoint.latest(tmp_path) == good
+    fresh = make_trainer(pstate, seed=5)
+    assert fresh.load(tmp_path)["step"] == 1
+    for x, y in zip(params(fresh), saved):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    t.save(tmp_path, 2, {"step": 2})  # the next save succeeds and removes the debris
+    assert not (tmp_path / "iter_0000002.tmp").exists()
+    assert checkpoint.latest(tmp_path) == tmp_path / "iter_0000002"
+
+
+def test_keep_last_prunes_oldest_and_resave_replaces(pstate, tmp_path):
+    t = make_trainer(pstate, seed=1)
+    for s in range(1, 5):
+        t.save(tmp_path, s, {"step": s}, keep_last=2)
+    assert [p.name for _, p in checkpoint.complete_checkpoints(tmp_path)] == ["iter_0000003", "iter_0000004"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000003", "iter_0000004", "latest"]
+    t.save(tmp_path, 4, {"step": 4, "again": True}, keep_last=2)  # re-saving a step replaces it
+    assert make_trainer(pstate, seed=2).load(tmp_path)["again"] is True
+
+
+def test_missing_checkpoints_name_the_path(pstate, tmp_path):
+    t = make_trainer(pstate, seed=1)
+    assert checkpoint.latest(tmp_path / "nothing") is None
+    with pytest.raises(FileNotFoundError, match="nothing"):
+        t.load(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "iter_0000009.tmp").mkdir()  # debris is never a checkpoint
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        t.load(tmp_path / "empty")
