@@ -18,6 +18,7 @@ setup(
         "tqdm>=4.60",
         "tensorboard>=2.14",
         "numpy",
+        "psutil",  # megatron dist_checkpointing torch_dist writer
     ],
     extras_require={
         "gpu": ["sglang>=0.5", "transformer-engine[pytorch]>=2.0", "nvidia-modelopt>=0.27"],
