@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
-_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 # Megatron per-layer suffix -> HF per-layer suffix, for tensors that map one to one.
 _DIRECT = {
@@ -26,6 +26,9 @@ _DIRECT = {
     "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
     "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
 }
+_EMBED, _OUTPUT, _FINAL_NORM = "embedding.word_embeddings.weight", "output_layer.weight", "decoder.final_layernorm.weight"
+
+GetHF = Callable[[str], torch.Tensor]  # HF name -> full tensor (raises naming the tensor when absent)
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,7 @@ class Dims:
     num_attention_heads: int
     num_query_groups: int
     head_dim: int
-    vocab_size: int  # the tokenizer's (unpadded)
+    vocab_size: int  # the unpadded vocabulary (rows of the HF embedding)
     tie_word_embeddings: bool
 
     @property
@@ -52,18 +55,23 @@ class ArchMapping:
     qk_norm: bool
     te_spec: bool = False  # layer norms fused into linear_qkv / linear_fc1
 
+    def check(self, model_cfg) -> None:
+        """The recipe's model flags must be this family's (HF has no place for other combinations)."""
+        for key, have, want in (("add_qkv_bias", model_cfg.add_qkv_bias, self.qkv_bias),
+                                ("qk_layernorm", model_cfg.qk_layernorm, self.qk_norm)):
+            if bool(have) != want:
+                raise ValueError(f"model.{key}={have} does not fit model.arch={self.arch!r} "
+                                 f"(its Hugging Face layout has {key}={want})")
+
     def to_hf(self, name: str, tensor: torch.Tensor, dims: Dims) -> list[tuple[str, torch.Tensor]]:
-        """One full Megatron tensor (global layer index) -> its HF tensors (no copies where avoidable)."""
-        if name == "embedding.word_embeddings.weight":
+        """One full Megatron tensor (global layer index) -> its HF tensors (views, no copies)."""
+        if name == _EMBED:
             return [("model.embed_tokens.weight", tensor[: dims.vocab_size])]
-        if name == "output_layer.weight":
+        if name == _OUTPUT:
             return [] if dims.tie_word_embeddings else [("lm_head.weight", tensor[: dims.vocab_size])]
-        if name == "decoder.final_layernorm.weight":
+        if name == _FINAL_NORM:
             return [("model.norm.weight", tensor)]
-        match = _LAYER.match(name)
-        if match is None:
-            raise ValueError(f"{self.arch}: no HF name for Megatron parameter {name!r}")
-        layer, suffix = match.groups()
+        layer, suffix = self._split(name)
         prefix = f"model.layers.{layer}."
         if suffix in _DIRECT:
             return [(prefix + _DIRECT[suffix], tensor)]
@@ -76,26 +84,44 @@ class ArchMapping:
             return [(prefix + "mlp.gate_proj.weight", gate), (prefix + "mlp.up_proj.weight", up)]
         raise ValueError(f"{self.arch}: no HF name for Megatron parameter {name!r}")
 
+    def from_hf_tensor(self, name: str, get: GetHF, dims: Dims, padded_vocab: int) -> torch.Tensor:
+        """One full Megatron tensor (global layer index) built from the HF tensors it comes from.
+
+        `get(hf_name)` returns a full HF tensor; the embedding and output layer come back padded to
+        `padded_vocab` rows (zeros past the vocabulary). A tied output layer is the embedding.
+        """
+        if name == _EMBED or (name == _OUTPUT and dims.tie_word_embeddings):
+            return pad_vocab(get("model.embed_tokens.weight"), padded_vocab)
+        if name == _OUTPUT:
+            return pad_vocab(get("lm_head.weight"), padded_vocab)
+        if name == _FINAL_NORM:
+            return get("model.norm.weight")
+        layer, suffix = self._split(name)
+        prefix = f"model.layers.{layer}."
+        if suffix in _DIRECT:
+            return get(prefix + _DIRECT[suffix])
+        if suffix in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
+            kind = suffix.rsplit(".", 1)[1]
+            return merge_qkv(*(get(prefix + f"self_attn.{p}_proj.{kind}") for p in "qkv"), dims)
+        if suffix == "mlp.linear_fc1.weight":
+            return torch.cat([get(prefix + "mlp.gate_proj.weight"), get(prefix + "mlp.up_proj.weight")], dim=0)
+        raise ValueError(f"{self.arch}: no HF source for Megatron parameter {name!r}")
+
+    def megatron_names(self, num_layers: int, tie_word_embeddings: bool) -> list[str]:
+        """Every full Megatron parameter name of a model (global layer indices, model order)."""
+        names = [_EMBED]
+        for i in range(num_layers):
+            names += [f"decoder.layers.{i}.{s}" for s in self.layer_suffixes()]
+        names.append(_FINAL_NORM)
+        if not tie_word_embeddings:
+            names.append(_OUTPUT)
+        return names
+
     def from_hf(self, hf: dict[str, torch.Tensor], num_layers: int, dims: Dims,
                 padded_vocab: int) -> dict[str, torch.Tensor]:
         """A full HF state dict -> full Megatron tensors (local or TE spec names), vocabulary padded."""
-        out = {"embedding.word_embeddings.weight": pad_vocab(_get(hf, "model.embed_tokens.weight"), padded_vocab),
-               "decoder.final_layernorm.weight": _get(hf, "model.norm.weight")}
-        if not dims.tie_word_embeddings:
-            out["output_layer.weight"] = pad_vocab(_get(hf, "lm_head.weight"), padded_vocab)
-        for i in range(num_layers):
-            src, dst = f"model.layers.{i}.", f"decoder.layers.{i}."
-            for suffix in self.layer_suffixes():
-                if suffix in _DIRECT:
-                    out[dst + suffix] = _get(hf, src + _DIRECT[suffix])
-                elif suffix.startswith("self_attention.linear_qkv."):
-                    kind = suffix.rsplit(".", 1)[1]
-                    out[dst + suffix] = merge_qkv(*(_get(hf, src + f"self_attn.{p}_proj.{kind}") for p in "qkv"),
-                                                  dims)
-                elif suffix == "mlp.linear_fc1.weight":
-                    out[dst + suffix] = torch.cat([_get(hf, src + "mlp.gate_proj.weight"),
-                                                   _get(hf, src + "mlp.up_proj.weight")], dim=0)
-        return out
+        return {name: self.from_hf_tensor(name, lambda key: _get(hf, key), dims, padded_vocab)
+                for name in self.megatron_names(num_layers, dims.tie_word_embeddings)}
 
     def layer_suffixes(self) -> list[str]:
         """Megatron per-layer parameter suffixes of this architecture and spec."""
@@ -111,6 +137,12 @@ class ArchMapping:
 
     def with_te_spec(self, te_spec: bool) -> "ArchMapping":
         return ArchMapping(self.arch, self.qkv_bias, self.qk_norm, te_spec)
+
+    def _split(self, name: str) -> tuple[str, str]:
+        match = _LAYER.match(name)
+        if match is None:
+            raise ValueError(f"{self.arch}: no HF name for Megatron parameter {name!r}")
+        return match.group(1), match.group(2)
 
 
 def split_qkv(qkv: torch.Tensor, dims: Dims) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -134,12 +166,14 @@ def merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dims: Dims) -> 
     rest = q.shape[1:]
     for name, t, rows in (("q_proj", q, g * hpg * hd), ("k_proj", k, g * hd), ("v_proj", v, g * hd)):
         if t.shape[0] != rows:
-            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {rows} rows")
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {rows} rows "
+                             f"(groups={g}, heads_per_group={hpg}, head_dim={hd})")
     grouped = torch.cat([q.reshape(g, hpg, hd, *rest), k.reshape(g, 1, hd, *rest), v.reshape(g, 1, hd, *rest)], dim=1)
     return grouped.reshape(g * (hpg + 2) * hd, *rest)
 
 
 def pad_vocab(tensor: torch.Tensor, padded_vocab: int) -> torch.Tensor:
+    """[V, ...] -> [padded_vocab, ...] with zero rows appended (megatron's padded embedding layout)."""
     if tensor.shape[0] > padded_vocab:
         raise ValueError(f"vocabulary of {tensor.shape[0]} rows does not fit the padded size {padded_vocab}")
     if tensor.shape[0] == padded_vocab:
