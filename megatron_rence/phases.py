@@ -114,7 +114,8 @@ def train_phase(exp: Experience, trainer, ref_trainer, objective, cfg: Config) -
     kept = exp.select(prepared.keep)
     metrics["groups/kept_frac"] = len(kept.prompts) / max(len(exp.prompts), 1)
     if not kept.prompts:
-        metrics["train/skipped"] = 1.0
+        metrics["train/skipped"] = 1.0  # no group with both positives and negatives: nothing to learn from
+        metrics["loss/total"] = 0.0
         metrics["perf/train_s"] = time.perf_counter() - t0
         return metrics
     sequences = kept.sequences()

@@ -186,7 +186,8 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, tp: int = 1
     model_cfg = model_config_for(hf_dir, make_vocab_size_divisible_by, dtype)
     check_layout(model_cfg, tp, pp)
     run_ranks(_import_rank, tp * pp, str(hf_dir), str(out_dir), asdict(model_cfg), tp, pp)
-    copy_side_files(hf_dir, out_dir / HF_SIDE_DIR)
+    if int(os.environ.get("RANK", "0")) == 0:
+        copy_side_files(hf_dir, out_dir / HF_SIDE_DIR)
     return out_dir / "iter_0000000"
 
 
@@ -248,6 +249,8 @@ def export_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, recipe: Optio
         raise ValueError(f"--dtype {out_dtype!r}: expected one of {', '.join(DTYPES)}")
     run_ranks(_export_rank, tp * pp, str(ckpt_dir), str(out), asdict(model_cfg), vocab_size, tp, pp, out_dtype,
               shard_bytes)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return out
     source_config = json.loads((side / "config.json").read_text()) if side and (side / "config.json").is_file() else {}
     hf_config = to_hf_config(replace(model_cfg, dtype=out_dtype), vocab_size,
                              source_config.get("eos_token_id"), source_config.get("pad_token_id"))
