@@ -29,8 +29,49 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         _set_dotted(raw, key, value)
         sources[key] = f"command-line override (recipe {path})"
     cfg = build(Config, raw, prefix="", sources=sources, default_source=str(path))
+    fill_model_from_hf(cfg, raw.get("model") or {}, sources, str(path))
     validate(cfg, source=str(path))
     return cfg
+
+
+def fill_model_from_hf(cfg: Config, raw_model: dict, sources: dict[str, str], default_source: str) -> None:
+    """With `model.hf_path` readable here, its config.json fills the architecture fields of `cfg.model`.
+
+    A field set next to `hf_path` (same file) or on the command line must agree with config.json
+    (ConfigError naming the key otherwise); one inherited from a base recipe is replaced;
+    `vocab_size` 0 becomes config.json's (the embedding rows, which may exceed the tokenizer's length).
+    When the directory is not readable here (a login node), the recipe's fields stand as written.
+    """
+    m = cfg.model
+    if m.hf_path is None or not (Path(m.hf_path) / "config.json").is_file():
+        return
+    from megatron_rence.weights.hf_config import model_config_from_hf
+
+    try:
+        fields = model_config_from_hf(m.hf_path)
+    except ValueError as exc:
+        raise ConfigError(f"{_where('model.hf_path', sources, default_source)}: model.hf_path: {exc}") from None
+    hf_source = sources.get("model.hf_path", default_source)
+    for name, value in fields.items():
+        given = raw_model.get(name)
+        source = sources.get(f"model.{name}", default_source)
+        if source != hf_source and not source.startswith("command-line"):
+            given = None  # inherited from a base recipe: config.json's value replaces it
+        if name == "vocab_size" and not given:
+            given = None
+        if name == "max_position_embeddings" and given is not None:
+            continue  # a shorter context than the model supports is the recipe's choice
+        if given is not None and not _same(getattr(m, name), value):
+            raise ConfigError(f"{_where(f'model.{name}', sources, default_source)}: model.{name}: the recipe says "
+                              f"{getattr(m, name)!r} but {m.hf_path}/config.json gives {value!r} "
+                              f"(remove the key to take config.json's value)")
+        setattr(m, name, value)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return abs(float(a) - float(b)) <= 1e-9 * max(1.0, abs(float(b)))
+    return a == b
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -6,6 +6,7 @@ One step, as in DESIGN.md: prompts -> engine.generate(K) -> rewards -> groups ->
 """
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from megatron_rence.cli import handle_info_flags, load_or_exit, recipe_parser
-from megatron_rence.config import Config, check_world_size
+from megatron_rence.config import Config, ConfigError, check_world_size
 from megatron_rence.recipe import save_resolved
 
 
@@ -70,6 +71,9 @@ def setup(cfg: Config, resume: bool) -> Run:
     check_world_size(cfg, pstate.world_size)
     tokenizer = load_tokenizer(cfg.model)
     vocab_size = cfg.model.vocab_size or len(tokenizer)
+    if len(tokenizer) > vocab_size:
+        raise ConfigError(f"model.vocab_size={vocab_size} is smaller than the tokenizer ({cfg.model.tokenizer}: "
+                          f"{len(tokenizer)} tokens)")
     trainer = Trainer(cfg, build_model(cfg.model, cfg.parallel, vocab_size), pstate, vocab_size,
                       pad_id=tokenizer.pad_token_id)
     objective = get_objective(cfg.objective)
@@ -90,6 +94,10 @@ def setup(cfg: Config, resume: bool) -> Run:
         print(f"--resume: no checkpoint in {ckpt_dir}; starting from scratch")
     elif cfg.checkpoint.load:
         trainer.load(cfg.checkpoint.load, weights_only=True)
+    elif cfg.model.hf_path:
+        from megatron_rence.weights.convert import init_from_hf
+
+        init_from_hf(trainer.model_chunks, cfg.model, vocab_size, pstate)
     if ref_trainer is not None:
         ref_trainer.copy_weights_from(trainer)  # the reference is the starting policy
     engine_index, num_engines = engine_layout(cfg, pstate.rank, pstate.world_size)
@@ -195,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     if handle_info_flags(args, cfg):
         return 0
     history = run_training(cfg, resume=args.resume)
-    if history:
+    if history and os.environ.get("RANK", "0") == "0":
         last = history[-1]
         print(f"done: step {last['step']} reward/mean={last.get('reward/mean', float('nan')):.3f} "
               f"run dir {cfg.train.run_dir}")

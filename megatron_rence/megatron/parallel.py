@@ -73,8 +73,10 @@ def _init_process_group(use_cuda: bool, timeout_minutes: int) -> None:
             raise ValueError(f"RANK and WORLD_SIZE are set but {', '.join(missing)} is not")
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     else:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        # a world of one: its own rendezvous on a fresh port (a MASTER_PORT left over in the environment,
+        # e.g. inherited from a parent that ran a world of its own, may still be taken)
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(free_port())
         rank, world_size = 0, 1
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))

@@ -130,6 +130,20 @@ def load_hf_into_model(model_chunks: list, model_cfg: ModelConfig, vocab_size: i
     return len(params)
 
 
+def init_from_hf(model_chunks: list, model_cfg: ModelConfig, vocab_size: int, pstate) -> int:
+    """Fill this rank's shard of a freshly built model from `model_cfg.hf_path` (the start of a run).
+
+    Every rank reads only the tensors its parameters need (memory-mapped safetensors), so no rank ever
+    holds the whole model. Returns the number of parameters filled.
+    """
+    ckpt = HFCheckpoint(model_cfg.hf_path)
+    hf_vocab = ckpt.get("model.embed_tokens.weight").shape[0]
+    if hf_vocab != vocab_size:
+        raise ValueError(f"model.vocab_size={vocab_size} but {ckpt.dir}'s embedding has {hf_vocab} rows "
+                         "(leave model.vocab_size at 0 to take config.json's)")
+    return load_hf_into_model(model_chunks, model_cfg, vocab_size, ckpt.get, pstate, progress=pstate.rank == 0)
+
+
 def _describe(used: list[tuple[str, tuple]]) -> str:
     return ", ".join(f"{n} {list(s)}" for n, s in used) or "no HF tensor"
 

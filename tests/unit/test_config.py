@@ -139,3 +139,47 @@ def test_cli_print_config_is_loadable_yaml():
     assert proc.returncode == 0, proc.stderr
     data = yaml.safe_load(proc.stdout)
     assert data["objective"]["name"] == "dapo" and data["rollout"]["engine"] == "hf"
+
+
+def _hf_dir(tmp_path: Path, **changes) -> Path:
+    """A Llama-3.1-style config.json (no weights: the recipe only reads the architecture)."""
+    import json
+
+    config = {"model_type": "llama", "num_hidden_layers": 4, "hidden_size": 64, "intermediate_size": 96,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300, "rms_norm_eps": 1e-5,
+              "max_position_embeddings": 4096, "tie_word_embeddings": False,
+              "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                  "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                  "original_max_position_embeddings": 8192}, **changes}
+    hf = tmp_path / "hf"
+    hf.mkdir(exist_ok=True)
+    (hf / "config.json").write_text(json.dumps(config))
+    return hf
+
+
+def test_hf_path_fills_the_architecture(tmp_path):
+    hf = _hf_dir(tmp_path)
+    recipe = write(tmp_path / "r.yaml", {"base": str(REPO / "recipes/demo_cpu.yaml"),
+                                         "model": {"hf_path": str(hf), "max_position_embeddings": 256}})
+    m = load_recipe(recipe).model  # demo_cpu.yaml's own architecture (2 layers, hidden 64...) is replaced
+    assert (m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_query_groups, m.vocab_size) == (4, 64, 96, 2, 300)
+    assert m.rope_scaling and m.rotary_base == 500000.0 and m.head_dim == 16
+    assert m.max_position_embeddings == 256  # a shorter context is the recipe's choice
+
+
+def test_hf_path_disagreeing_with_the_recipe_names_the_key(tmp_path):
+    hf = _hf_dir(tmp_path)
+    recipe = write(tmp_path / "r.yaml", {"base": str(REPO / "recipes/demo_cpu.yaml"),
+                                         "model": {"hf_path": str(hf), "hidden_size": 128}})
+    with pytest.raises(ConfigError, match=r"r\.yaml: model\.hidden_size: the recipe says 128 but .*config\.json gives 64"):
+        load_recipe(recipe)
+    with pytest.raises(ConfigError, match=r"override.*model\.num_layers"):
+        load_recipe(recipe, ["model.hidden_size=64", "model.num_layers=8"])
+    _hf_dir(tmp_path, model_type="mistral")
+    with pytest.raises(ConfigError, match=r"model\.hf_path: .*model_type 'mistral' is not supported"):
+        load_recipe(recipe, ["model.hidden_size=64"])
+
+
+def test_unreadable_hf_path_keeps_the_recipe_fields(tmp_path):
+    cfg = load_recipe(REPO / "recipes/rence_70b.yaml", [f"model.hf_path={tmp_path / 'absent'}"])
+    assert cfg.model.hidden_size == 8192 and cfg.model.vocab_size == 128256

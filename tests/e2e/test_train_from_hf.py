@@ -1,0 +1,83 @@
+"""A run whose recipe names `model.hf_path` starts from that checkpoint's weights (not a random init): the
+trainer's log-probs equal transformers' on the same sequences, and a short CLI run from it trains and saves."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from megatron_rence.data.tokenizer import build_synthetic_tokenizer
+from megatron_rence.recipe import load_recipe
+
+REPO = Path(__file__).resolve().parents[2]
+ARCH = ["model.num_layers=2", "model.hidden_size=32", "model.ffn_hidden_size=64", "model.num_attention_heads=4",
+        "model.num_query_groups=2"]  # the recipe's own values: config.json replaces them (tested in test_config)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("hf")
+    tokenizer = build_synthetic_tokenizer()
+    config = transformers.Qwen2Config(vocab_size=len(tokenizer) + 3, hidden_size=48, intermediate_size=80,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=64, tie_word_embeddings=True,
+                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(5)
+    model = transformers.Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():  # norms away from 1 and biases away from 0: every tensor must be loaded
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_setup_loads_the_hf_weights(hf_dir, tmp_path):
+    from megatron_rence import train
+    from megatron_rence.megatron import cpu_compat, parallel
+
+    cfg = load_recipe(REPO / "recipes/demo_cpu.yaml",
+                      [f"model.hf_path={hf_dir}", f"model.tokenizer={hf_dir}", f"train.run_dir={tmp_path}",
+                       "logging.tensorboard=false", "logging.progress_bar=false", "reward.num_workers=1"])
+    assert cfg.model.arch == "qwen2" and cfg.model.hidden_size == 48
+    was_applied = cpu_compat.is_applied()
+    run = train.setup(cfg, resume=False)
+    try:
+        g = torch.Generator().manual_seed(0)
+        seqs = [(torch.randint(1, run.vocab_size, (n,), generator=g).tolist(), 3) for n in (6, 9, 5)]
+        got = run.trainer.logprobs(seqs, 1.0)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+        for (tokens, prompt_len), lp in zip(seqs, got):
+            with torch.no_grad():
+                logits = hf(torch.tensor([tokens])).logits[0].float()
+            want = torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(tokens[1:]).unsqueeze(1))[:, 0]
+            torch.testing.assert_close(lp, want[prompt_len - 1:], atol=1e-5, rtol=0)
+    finally:
+        if run.reward_pool is not None:
+            run.reward_pool.close()
+        if run.engine is not None:
+            run.engine.shutdown()
+        if run.logger is not None:
+            run.logger.close()
+        parallel.destroy()
+        if not was_applied:
+            cpu_compat.restore()
+
+
+def test_cli_run_from_hf_path(hf_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "megatron_rence.train", "recipes/demo_cpu.yaml", f"model.hf_path={hf_dir}",
+           f"model.tokenizer={hf_dir}", f"train.run_dir={run_dir}", "train.num_steps=2", "checkpoint.every=0",
+           "rollout.prompts_per_step=4", "rollout.num_samples=4", "train.global_batch_size=16",
+           "train.micro_batch_size=8", "logging.tensorboard=false", "logging.progress_bar=false",
+           "reward.num_workers=1", "train.debug_check_sync=true"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and all(r["sync/max_abs_diff"] == 0.0 for r in records)
+    resolved = (run_dir / "config.yaml").read_text()
+    assert "hidden_size: 48" in resolved and "arch: qwen2" in resolved
+    assert (run_dir / "checkpoints" / "latest").is_file()
