@@ -63,7 +63,7 @@ def test_few_steps_write_metrics_checkpoint_and_keep_engine_in_sync(tmp_path):
 
 
 def test_sigterm_then_resume_matches_uninterrupted_run(tmp_path):
-    steps = 4
+    steps = 40  # enough that SIGTERM, sent once step 2 is logged, lands mid-run
     full = tmp_path / "full"
     _train(full, f"train.num_steps={steps}", "checkpoint.every=0")
     reference = {r["step"]: r for r in _metrics(full)}
