@@ -202,6 +202,7 @@ class LoggingConfig:
     tensorboard: bool = True
     wandb_project: Optional[str] = None
     progress_bar: bool = True
+    plot: bool = False  # at the end of the run, PNG curves in <run_dir>/plots (needs matplotlib)
 
 
 @dataclass

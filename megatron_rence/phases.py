@@ -15,8 +15,12 @@ import torch.distributed as dist
 from megatron_rence.config import Config
 from megatron_rence.data.prompts import Prompt
 from megatron_rence.experience import Experience, rollout_metrics
+from megatron_rence.rollout.engine import EngineRestartedError
 from megatron_rence.rollout.mismatch import mismatch_metrics
 from megatron_rence.rollout.types import SamplingParams
+
+
+_RESTARTED = "engine restarted"  # what an engine rank contributes instead of rollouts after a restart
 
 
 def sampling_params(cfg: Config, step: int) -> SamplingParams:
@@ -41,9 +45,32 @@ def engine_layout(cfg: Config, rank: int, world_size: int) -> tuple[Optional[int
     return (rank // tp if rank % tp == 0 else None), world_size // tp
 
 
-def engine_owner_ranks(cfg: Config, world_size: int) -> list[int]:
-    """The ranks that hold an engine (and receive the full weights every sync)."""
-    return [r for r in range(world_size) if engine_layout(cfg, r, world_size)[0] is not None]
+def engine_groups(cfg: Config, world_size: int) -> list[list[int]]:
+    """The ranks serving each engine (first = owner); every one of them receives the full weights each sync
+    (an SGLang group's ranks each hand their own GPU copy to the engine's TP worker on that GPU)."""
+    if cfg.rollout.engine == "hf":
+        return [[0]]
+    tp = cfg.rollout.sglang.tp
+    engine_layout(cfg, 0, world_size)  # the divisibility check
+    return [list(range(first, first + tp)) for first in range(0, world_size, tp)]
+
+
+def engine_process_group(cfg: Config, rank: int, world_size: int):
+    """(whether `rank` serves an engine, the torch.distributed group of its engine or None for one rank).
+
+    Collective: every rank creates every multi-rank group, in the same order.
+    """
+    mine = None
+    for ranks in engine_groups(cfg, world_size):
+        group = dist.new_group(ranks) if len(ranks) > 1 else None
+        if rank in ranks:
+            mine = group
+    return any(rank in ranks for ranks in engine_groups(cfg, world_size)), mine
+
+
+def engine_feed_ranks(cfg: Config, world_size: int) -> list[int]:
+    """The ranks that receive the full weights every sync: every rank of every engine group."""
+    return [r for group in engine_groups(cfg, world_size) for r in group]
 
 
 def check_engine_sync(model_chunks, model_cfg, vocab_size: int, engine, pstate, dst_ranks: list[int]) -> dict:
@@ -51,10 +78,11 @@ def check_engine_sync(model_chunks, model_cfg, vocab_size: int, engine, pstate, 
     from megatron_rence.weights.sync import iter_hf_buckets
 
     worst = 0.0
+    readable = engine is not None and hasattr(engine, "named_weight")  # the CPU engine; SGLang's are not
     for bucket in iter_hf_buckets(model_chunks, model_cfg, vocab_size, 1 << 62, pstate, dst_ranks):
-        for name, tensor in bucket:
+        for name, tensor in bucket if readable else []:
             worst = max(worst, (engine.named_weight(name) - tensor).abs().max().item())
-    return {"sync/max_abs_diff": worst} if engine is not None else {}
+    return {"sync/max_abs_diff": worst} if readable else {}
 
 
 def _gather_objects(local: list) -> list:
@@ -67,26 +95,34 @@ def _gather_objects(local: list) -> list:
 
 
 def rollout_phase(prompts: list[Prompt], engine, reward_pool, params: SamplingParams, num_samples: int,
-                  engine_index: int, num_engines: int, positive_threshold: float) -> tuple[Experience, dict]:
-    """Generate K completions per prompt on the engine ranks, grade them there, and share with all ranks.
+                  engine_index: int, num_engines: int, positive_threshold: float) -> tuple[Optional[Experience], dict]:
+    """Generate K completions per prompt on the engine owners, grade them there, and share with all ranks.
 
-    Engines split the prompts contiguously (engine i gets slice i of num_engines); ranks without an
-    engine contribute nothing and receive the whole graded batch.
+    Engines split the prompts contiguously (engine i gets slice i of num_engines); other ranks
+    (`engine_index` < 0) contribute nothing and receive the whole graded batch. When an engine was
+    restarted (it holds dummy weights) every rank gets (None, metrics): the caller re-syncs and retries.
     """
     t0 = time.perf_counter()
-    local: list[tuple[int, list, list]] = []
+    local: list = []
     reward_s = 0.0
-    if engine is not None:
+    if engine is not None and engine_index >= 0:
         share = [i for i in range(len(prompts)) if i * num_engines // len(prompts) == engine_index]
-        completions = engine.generate([prompts[i].token_ids for i in share], params, num_samples)
+        try:
+            completions = engine.generate([prompts[i].token_ids for i in share], params, num_samples)
+        except EngineRestartedError as exc:
+            print(f"engine {engine_index}: {exc}; re-syncing weights", flush=True)
+            completions, local = [], [_RESTARTED]
         t1 = time.perf_counter()
         flat = [c for row in completions for c in row]
         answers = [prompts[i].answer for i, row in zip(share, completions) for _ in row]
-        grades = reward_pool.grade([c.text for c in flat], answers)
+        grades = reward_pool.grade([c.text for c in flat], answers) if flat else []
         reward_s = time.perf_counter() - t1
-        for j, i in enumerate(share):
-            local.append((i, completions[j], grades[j * num_samples:(j + 1) * num_samples]))
-    rows = sorted(_gather_objects(local), key=lambda item: item[0])
+        for j, row in enumerate(completions):
+            local.append((share[j], row, grades[j * num_samples:(j + 1) * num_samples]))
+    gathered = _gather_objects(local)
+    if _RESTARTED in gathered:
+        return None, {"engine/restarts": float(gathered.count(_RESTARTED))}
+    rows = sorted(gathered, key=lambda item: item[0])
     assert [i for i, _, _ in rows] == list(range(len(prompts))), "every prompt must be generated exactly once"
     exp = Experience(prompts, [c for _, c, _ in rows], [g for _, _, g in rows])
     metrics = rollout_metrics(exp, positive_threshold)

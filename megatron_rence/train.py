@@ -30,10 +30,10 @@ class Run:
     ref_trainer: Any
     objective: Any
     dataset: Any
-    engine: Any  # None on ranks that hold no engine
-    engine_index: int
+    engine: Any  # None on ranks outside every engine group
+    engine_index: int  # -1 except on engine owners (they generate)
     num_engines: int
-    engine_ranks: list[int]
+    engine_ranks: list[int]  # every rank that receives the full weights each sync
     vocab_size: int
     reward_pool: Any
     logger: Any  # None except on rank 0
@@ -63,7 +63,7 @@ def setup(cfg: Config, resume: bool) -> Run:
     from megatron_rence.metrics import MetricsLogger
     from megatron_rence.objectives import get_objective
     from megatron_rence.rewards.pool import RewardPool
-    from megatron_rence.phases import engine_layout, engine_owner_ranks
+    from megatron_rence.phases import engine_feed_ranks, engine_layout, engine_process_group
     from megatron_rence.rollout.engine import build_engine
     from megatron_rence.weights.hf_config import to_hf_config
 
@@ -84,27 +84,37 @@ def setup(cfg: Config, resume: bool) -> Run:
     dataset = PromptDataset(cfg.data, tokenizer)
     ckpt_dir = Path(cfg.checkpoint.dir or Path(cfg.train.run_dir) / "checkpoints")
     start_step, resume_step = 0, None
-    if resume and checkpoint.latest(ckpt_dir) is not None:
+    resuming = resume and checkpoint.latest(ckpt_dir) is not None
+    if resume and not resuming:
+        print(f"--resume: no checkpoint in {ckpt_dir}; starting from scratch")
+    needs_start = not resuming or ref_trainer is not None  # the starting weights are also the reference
+    if needs_start and cfg.checkpoint.load:
+        trainer.load(cfg.checkpoint.load, weights_only=True)
+    elif needs_start and cfg.model.hf_path:
+        from megatron_rence.weights.convert import init_from_hf
+
+        init_from_hf(trainer.model_chunks, cfg.model, vocab_size, pstate)
+    if ref_trainer is not None:
+        ref_trainer.copy_weights_from(trainer)  # the reference is the starting policy (also after a resume)
+    if resuming:
         state = trainer.load(ckpt_dir)
         start_step = resume_step = state["step"]
         dataset.load_state_dict(state["data"])
         objective.load_state_dict(state["objective"])
         print(f"resumed from {checkpoint.latest(ckpt_dir)} at step {start_step}")
-    elif resume:
-        print(f"--resume: no checkpoint in {ckpt_dir}; starting from scratch")
-    elif cfg.checkpoint.load:
-        trainer.load(cfg.checkpoint.load, weights_only=True)
-    elif cfg.model.hf_path:
-        from megatron_rence.weights.convert import init_from_hf
-
-        init_from_hf(trainer.model_chunks, cfg.model, vocab_size, pstate)
-    if ref_trainer is not None:
-        ref_trainer.copy_weights_from(trainer)  # the reference is the starting policy
+        every = cfg.objective.ref_update_every
+        if ref_trainer is not None and every:
+            ref_trainer.copy_weights_from(trainer)
+            if start_step % every:
+                print(f"objective.ref_update_every={every}: the reference restarts from the resumed policy "
+                      f"(step {start_step}), not from step {start_step - start_step % every}")
     engine_index, num_engines = engine_layout(cfg, pstate.rank, pstate.world_size)
     engine = reward_pool = None
-    if engine_index is not None:
+    in_group, group = engine_process_group(cfg, pstate.rank, pstate.world_size)
+    if in_group:
         hf_config = to_hf_config(cfg.model, vocab_size, tokenizer.eos_token_id, tokenizer.pad_token_id)
-        engine = build_engine(cfg, hf_config, tokenizer)
+        engine = build_engine(cfg, hf_config, tokenizer, group=group)
+    if engine_index is not None:
         reward_pool = RewardPool(cfg.reward)
     logger = None
     if pstate.rank == 0:
@@ -112,7 +122,7 @@ def setup(cfg: Config, resume: bool) -> Run:
         logger = MetricsLogger(cfg.logging, cfg.train.run_dir, cfg.train.num_steps, start_step, resume_step)
     return Run(cfg, pstate, tokenizer, trainer, ref_trainer, objective, dataset, engine,
                engine_index if engine_index is not None else -1, num_engines,
-               engine_owner_ranks(cfg, pstate.world_size), vocab_size, reward_pool, logger, start_step)
+               engine_feed_ranks(cfg, pstate.world_size), vocab_size, reward_pool, logger, start_step)
 
 
 def sync_weights(run: Run, version: int) -> dict:
@@ -138,14 +148,28 @@ def train_step(run: Run, step: int) -> dict:
     t0 = time.perf_counter()
     cfg = run.cfg
     prompts = run.dataset.next_batch(cfg.rollout.prompts_per_step)
-    exp, metrics = rollout_phase(prompts, run.engine, run.reward_pool, sampling_params(cfg, step),
-                                 cfg.rollout.num_samples, run.engine_index, run.num_engines,
-                                 cfg.objective.positive_threshold)
+    restarts = 0.0
+    while True:
+        exp, metrics = rollout_phase(prompts, run.engine, run.reward_pool, sampling_params(cfg, step),
+                                     cfg.rollout.num_samples, run.engine_index, run.num_engines,
+                                     cfg.objective.positive_threshold)
+        if exp is not None:
+            break
+        restarts += metrics["engine/restarts"]  # an engine restarted with dummy weights: push them again
+        if restarts > cfg.rollout.sglang.max_restarts * run.num_engines:
+            raise RuntimeError(f"the rollout engines restarted {restarts:.0f} times in step {step} "
+                               "(rollout.sglang.max_restarts); see the SGLang logs")
+        sync_weights(run, version=step - 1)  # the weights the step started from
+    metrics["engine/restarts"] = restarts
     if run.engine is not None:
         run.engine.release_memory()
     metrics.update(train_phase(exp, run.trainer, run.ref_trainer, run.objective, cfg))
+    every = cfg.objective.ref_update_every
+    if run.ref_trainer is not None and every and step % every == 0:  # semi-online DPO
+        run.ref_trainer.copy_weights_from(run.trainer)
+        metrics["train/ref_updated"] = 1.0
     run.objective.update_after_step(metrics)
-    metrics.update(sync_weights(run, version=step + 1))
+    metrics.update(sync_weights(run, version=step))  # version = optimizer updates applied
     metrics["perf/step_s"] = time.perf_counter() - t0
     return metrics
 
@@ -204,10 +228,26 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     history = run_training(cfg, resume=args.resume)
     if history and os.environ.get("RANK", "0") == "0":
-        last = history[-1]
-        print(f"done: step {last['step']} reward/mean={last.get('reward/mean', float('nan')):.3f} "
-              f"run dir {cfg.train.run_dir}")
+        print(summary(cfg, history))
     return 0
+
+
+def summary(cfg: Config, history: list[dict]) -> str:
+    """The end-of-run lines: reward at the start and at the end (10-step means), where the plots went."""
+    rewards = [r["reward/mean"] for r in history if "reward/mean" in r]
+    first, last = rewards[:10], rewards[-10:]
+    lines = [f"done: step {history[-1]['step']} reward/mean={rewards[-1] if rewards else float('nan'):.3f} "
+             f"(mean of the first {len(first)} steps {sum(first) / max(len(first), 1):.3f}, of the last "
+             f"{len(last)} {sum(last) / max(len(last), 1):.3f}); run dir {cfg.train.run_dir}"]
+    if cfg.logging.plot:
+        try:
+            from megatron_rence.plots import plot
+
+            written = plot(Path(cfg.train.run_dir), Path(cfg.train.run_dir) / "plots")
+            lines.append("curves: " + ", ".join(str(p) for p in written))
+        except ImportError as exc:
+            lines.append(f"no plots: {exc} (pip install matplotlib)")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

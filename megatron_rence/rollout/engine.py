@@ -19,6 +19,10 @@ import torch
 from megatron_rence.rollout.types import Completion, SamplingParams
 
 
+class EngineRestartedError(RuntimeError):
+    """The engine was restarted and holds dummy weights: the trainer must push the current weights."""
+
+
 @runtime_checkable
 class RolloutEngine(Protocol):
     weight_version: int

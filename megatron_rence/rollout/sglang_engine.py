@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from megatron_rence.rollout.engine import EngineRestartedError  # noqa: F401  (raised here; re-exported)
 from megatron_rence.rollout.sglang_transport import BucketSender, sglang_payload, sglang_serialize
 from megatron_rence.rollout.types import Completion, GenerateRequest, SamplingParams, group_rows
 
@@ -47,10 +48,6 @@ DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 class EngineCrashed(RuntimeError):
     """The engine's processes died during a call."""
-
-
-class EngineRestartedError(RuntimeError):
-    """The engine was restarted and holds dummy weights: the trainer must push the current weights."""
 
 
 # ---- pure pieces: server arguments, sampling parameters, outputs ---------------------------------------

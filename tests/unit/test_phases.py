@@ -1,0 +1,55 @@
+"""Step glue (phases.py): which ranks serve which engine and receive weights; an engine that restarted with
+dummy weights makes the rollout phase ask for a re-sync instead of returning its samples."""
+import pytest
+
+from megatron_rence.config import Config
+from megatron_rence.data.prompts import Prompt
+from megatron_rence.phases import engine_feed_ranks, engine_groups, engine_layout, rollout_phase
+from megatron_rence.rewards.math import GradeResult
+from megatron_rence.rollout.engine import EngineRestartedError
+from megatron_rence.rollout.types import Completion, SamplingParams
+
+
+def sglang_cfg(tp: int) -> Config:
+    cfg = Config()
+    cfg.rollout.engine, cfg.rollout.sglang.tp = "sglang", tp
+    return cfg
+
+
+def test_engine_groups_and_feed_ranks():
+    hf = Config()
+    assert engine_groups(hf, 4) == [[0]] and engine_feed_ranks(hf, 4) == [0]
+    assert [engine_layout(hf, r, 4)[0] for r in range(4)] == [0, None, None, None]
+    cfg = sglang_cfg(2)
+    assert engine_groups(cfg, 8) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert engine_feed_ranks(cfg, 8) == list(range(8))  # every rank hands its GPU copy to its engine
+    assert [engine_layout(cfg, r, 8)[0] for r in range(8)] == [0, None, 1, None, 2, None, 3, None]
+    with pytest.raises(ValueError, match="rollout.sglang.tp=3"):
+        engine_groups(sglang_cfg(3), 8)
+
+
+class FakeEngine:
+    """Test double for the rollout engine protocol: answers "1" to everything, or raises as a restarted engine."""
+
+    def __init__(self, restarted: bool):
+        self.restarted = restarted
+
+    def generate(self, prompts, params, n):
+        if self.restarted:
+            raise EngineRestartedError("dummy weights")
+        return [[Completion([5, 2], [-0.1, -0.2], "stop", 0, "1") for _ in range(n)] for _ in prompts]
+
+
+class FakePool:
+    def grade(self, texts, answers):
+        return [GradeResult(float(t == a), t, "ok") for t, a in zip(texts, answers)]
+
+
+def test_rollout_phase_grades_and_restart_asks_for_resync():
+    prompts = [Prompt(str(i), f"{i}+0=", [3, 4], str(i)) for i in range(3)]
+    params = SamplingParams(max_new_tokens=2)
+    exp, metrics = rollout_phase(prompts, FakeEngine(False), FakePool(), params, 2, 0, 1, 0.5)
+    assert exp is not None and metrics["reward/mean"] == pytest.approx(1 / 3)  # only "1" is right
+    assert [len(c) for c in exp.completions] == [2, 2, 2]
+    exp, metrics = rollout_phase(prompts, FakeEngine(True), FakePool(), params, 2, 0, 1, 0.5)
+    assert exp is None and metrics == {"engine/restarts": 1.0}
