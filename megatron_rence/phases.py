@@ -73,13 +73,20 @@ def engine_feed_ranks(cfg: Config, world_size: int) -> list[int]:
     return [r for group in engine_groups(cfg, world_size) for r in group]
 
 
-def check_engine_sync(model_chunks, model_cfg, vocab_size: int, engine, pstate, dst_ranks: list[int]) -> dict:
-    """max |engine weight - trainer weight| over every HF tensor (debug; the CPU engine's weights are readable)."""
+def check_engine_sync(model_chunks, model_cfg, vocab_size: int, engine, pstate, dst_ranks: list[int],
+                      fp8: bool = False) -> dict:
+    """max |engine weight - trainer weight| over every HF tensor (debug; the CPU engine's weights are readable).
+
+    With `fp8` the trainer's side goes through the same FP8 rounding as the stream, so 0 still means exact.
+    """
+    from megatron_rence.weights.quantize import dequantize_bucket, quantize_bucket
     from megatron_rence.weights.sync import iter_hf_buckets
 
     worst = 0.0
     readable = engine is not None and hasattr(engine, "named_weight")  # the CPU engine; SGLang's are not
     for bucket in iter_hf_buckets(model_chunks, model_cfg, vocab_size, 1 << 62, pstate, dst_ranks):
+        if fp8 and readable:
+            bucket = dequantize_bucket(quantize_bucket(bucket), torch.float32)
         for name, tensor in bucket if readable else []:
             worst = max(worst, (engine.named_weight(name) - tensor).abs().max().item())
     return {"sync/max_abs_diff": worst} if readable else {}

@@ -133,12 +133,14 @@ def sync_weights(run: Run, version: int) -> dict:
     if run.engine is not None:
         run.engine.resume_memory(tags=["weights"])
     chunks, model_cfg = run.trainer.model_chunks, run.cfg.model
+    fp8 = run.cfg.rollout.sglang.fp8_weights
     metrics = push_weights(chunks, model_cfg, run.vocab_size, run.engine, version, run.cfg.weights.bucket_bytes,
-                           run.pstate, run.engine_ranks)
+                           run.pstate, run.engine_ranks, fp8=fp8)
     if run.engine is not None:
         run.engine.resume_memory(tags=["kv_cache"])
     if run.cfg.train.debug_check_sync:
-        metrics.update(check_engine_sync(chunks, model_cfg, run.vocab_size, run.engine, run.pstate, run.engine_ranks))
+        metrics.update(check_engine_sync(chunks, model_cfg, run.vocab_size, run.engine, run.pstate, run.engine_ranks,
+                                         fp8))
     return metrics
 
 

@@ -58,8 +58,14 @@ class HFEngine:
         """Copy each full HF-named tensor into the model's parameter of that name.
 
         With tied embeddings the model has one tensor for `model.embed_tokens.weight` and
-        `lm_head.weight`; either name loads it.
+        `lm_head.weight`; either name loads it. A bucket of block-FP8 weights (`weight_scale_inv`
+        tensors, rollout.sglang.fp8_weights) is dequantised first: this engine has no FP8 kernels, so it
+        then samples with the FP8-rounded weights (activations stay in full precision).
         """
+        if any(name.endswith(".weight_scale_inv") for name, _ in bucket):
+            from megatron_rence.weights.quantize import dequantize_bucket
+
+            bucket = dequantize_bucket(bucket, torch.float32)
         with torch.no_grad():
             for name, tensor in bucket:
                 target = self._param(name)

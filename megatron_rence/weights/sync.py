@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from megatron_rence.weights.mapping import dims_of, get_mapping
 from megatron_rence.weights.plan import TensorPlan, build_plan, make_buckets, merge_tp_shards, unwrap
+from megatron_rence.weights.quantize import quantize_bucket
 
 _PLAN_CACHE: dict[tuple, list[TensorPlan]] = {}
 
@@ -74,12 +75,18 @@ def iter_hf_buckets(model_chunks: list, model_cfg, vocab_size: int, bucket_bytes
 
 
 def push_weights(model_chunks: list, model_cfg, vocab_size: int, engine, version: int, bucket_bytes: int,
-                 pstate, dst_ranks: Sequence[int] = (0,)) -> dict[str, float]:
-    """Stream the trainer's weights into `engine` (on its owner rank; None elsewhere) as weight `version`."""
+                 pstate, dst_ranks: Sequence[int] = (0,), fp8: bool = False) -> dict[str, float]:
+    """Stream the trainer's weights into `engine` (on `dst_ranks`; None elsewhere) as weight `version`.
+
+    `fp8`: each bucket's linear weights are quantised to block FP8 on the destination rank
+    (weights/quantize.py) before the engine loads them; `sync/bytes` counts what the engine received.
+    """
     t0 = time.perf_counter()
     num_bytes = 0
     num_buckets = 0
     for bucket in iter_hf_buckets(model_chunks, model_cfg, vocab_size, bucket_bytes, pstate, dst_ranks):
+        if fp8:
+            bucket = quantize_bucket(bucket)
         num_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
         num_buckets += 1
         if engine is not None:
