@@ -8,6 +8,7 @@ caller after `engine.update_weights`, so the extra memory is about one bucket.
 from __future__ import annotations
 
 import time
+import weakref
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -17,14 +18,18 @@ from megatron_rence.weights.mapping import dims_of, get_mapping
 from megatron_rence.weights.plan import TensorPlan, build_plan, make_buckets, merge_tp_shards, unwrap
 from megatron_rence.weights.quantize import quantize_bucket
 
-_PLAN_CACHE: dict[tuple, list[TensorPlan]] = {}
+# first chunk -> (key, plan); weak, so a model built after another was freed (and given its id) gets its
+# own plan: a stale hit would skip build_plan's collective on that rank only and deadlock the others.
+_PLAN_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
 def _plan(model_chunks, pstate, tied: bool) -> list[TensorPlan]:
-    key = (tuple(id(c) for c in model_chunks), pstate.rank, pstate.world_size)
-    if key not in _PLAN_CACHE:
-        _PLAN_CACHE[key] = build_plan(model_chunks, pstate, tied)
-    return _PLAN_CACHE[key]
+    key = (tuple(id(c) for c in model_chunks), pstate.rank, pstate.world_size, tied)
+    cached = _PLAN_CACHE.get(model_chunks[0])
+    if cached is None or cached[0] != key:
+        cached = (key, build_plan(model_chunks, pstate, tied))
+        _PLAN_CACHE[model_chunks[0]] = cached
+    return cached[1]
 
 
 def _param(model_chunks, plan: TensorPlan) -> torch.Tensor:
