@@ -68,7 +68,8 @@ def fake_slurm(tmp_path):
                        ("python", FAKE_PYTHON.format(python=sys.executable))):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    rendezvous = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")  # may be left by other tests
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in rendezvous}
     env.update(PATH=f"{bin_dir}:{env['PATH']}", FAKE_LOG=str(log), PYTHON=str(bin_dir / "python"),
                SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="gpu-node-[017-018]", SLURM_SUBMIT_DIR=str(REPO),
                SLURM_JOB_NUM_NODES="8", SLURM_NTASKS_PER_NODE="8", RUN_ROOT=str(tmp_path / "runs"))

@@ -103,8 +103,9 @@ def test_microbatch_split_gives_the_whole_batch_gradient_and_update(pstate, obje
         assert metrics["train/weights_changed"] == 1.0
     for mbs in (2 * K, len(seqs)):
         for a, b in zip(params[K], params[mbs]):
-            # Adam step 1 is ~lr*g/(|g|+eps): entries with |g| near eps amplify rounding; 1e-6 = 0.1% of lr
-                torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+            # Adam step 1 is ~lr*g/(|g|+eps): entries with |g| near eps amplify rounding (one in ~2000 moved
+            # 2e-6 under another thread count); 5e-6 = 0.5% of lr. The gradients above are the exact check.
+            torch.testing.assert_close(a, b, rtol=0, atol=5e-6)
 
 
 def test_logprobs_match_the_unwrapped_model(pstate):
