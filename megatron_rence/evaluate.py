@@ -12,7 +12,6 @@ the same path the trainer's weight sync uses. Prompts use the recipe's `data.tem
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path

@@ -212,13 +212,18 @@ def run_training(cfg: Config, resume: bool = False) -> list[dict]:
                 print(f"signal {stop.signum}: checkpoint written at step {step}; exiting", flush=True)
                 break
     finally:
-        if run.logger is not None:
-            run.logger.close()
-        if run.reward_pool is not None:
-            run.reward_pool.close()
-        if run.engine is not None:
-            run.engine.shutdown()
+        close(run)
     return history
+
+
+def close(run: Run) -> None:
+    """Flush the metrics, stop the grading workers and the engine (training state is already on disk)."""
+    if run.logger is not None:
+        run.logger.close()
+    if run.reward_pool is not None:
+        run.reward_pool.close()
+    if run.engine is not None:
+        run.engine.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,6 @@ from pathlib import Path
 import launcher
 import torch
 import torch.distributed as dist
-import transformers
 from safetensors.torch import load_file
 
 from megatron_rence.config import ParallelConfig
@@ -21,29 +20,10 @@ from megatron_rence.megatron import checkpoint, parallel
 from megatron_rence.megatron.model import build_model
 from megatron_rence.weights.convert import export_hf, import_hf, model_config_for
 from megatron_rence.weights.sync import iter_hf_buckets
+from tests.hf_models import ARCHS, VOCAB, make_hf_model
 
-VOCAB = 90
-TINY = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64)
-ARCHS = {
-    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(tie_word_embeddings=False)),
-    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(tie_word_embeddings=True)),
-    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(tie_word_embeddings=False, head_dim=16)),
-}
 TIMEOUT = 300
 BUCKET_BYTES = 12_000  # fp32: a layer's fc1 (12 KiB) travels alone; qkv (8 KiB), norms and biases share buckets
-
-
-def make_hf_model(arch: str, out: Path) -> dict[str, torch.Tensor]:
-    """A tiny fp32 HF checkpoint with every tensor random; returns what `save_pretrained` wrote."""
-    config_cls, model_cls, extra = ARCHS[arch]
-    torch.manual_seed(sorted(ARCHS).index(arch))
-    model = model_cls(config_cls(**TINY, **extra))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1.0 + 0.2 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
-    model.save_pretrained(out)
-    return load_file(out / "model.safetensors")
 
 
 def allow_child_processes() -> None:

@@ -56,12 +56,7 @@ def test_setup_loads_the_hf_weights(hf_dir, tmp_path):
             want = torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(tokens[1:]).unsqueeze(1))[:, 0]
             torch.testing.assert_close(lp, want[prompt_len - 1:], atol=1e-5, rtol=0)
     finally:
-        if run.reward_pool is not None:
-            run.reward_pool.close()
-        if run.engine is not None:
-            run.engine.shutdown()
-        if run.logger is not None:
-            run.logger.close()
+        train.close(run)
         parallel.destroy()
         if not was_applied:
             cpu_compat.restore()

@@ -23,33 +23,12 @@ from megatron_rence.megatron import checkpoint, cpu_compat, parallel
 from megatron_rence.megatron.model import build_model
 from megatron_rence.weights import sync
 from megatron_rence.weights.convert import HFCheckpoint, TOKENIZER_FILES, export_hf, import_hf, model_config_for
+from tests.hf_models import ARCHS, VOCAB, make_hf_model
 
 ROOT = Path(__file__).resolve().parents[2]
-VOCAB = 90  # padded to 128 inside Megatron: the export must strip the padding
-TINY = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6)
-ARCHS = {  # untied; tied + QKV bias; QK-norm + head_dim (16) != hidden / heads (8)
-    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM,
-              dict(tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 5e5})),
-    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(tie_word_embeddings=True)),
-    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(tie_word_embeddings=False, head_dim=16)),
-}
 ARCH_FIELDS = ("model_type", "architectures", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings",
                "tie_word_embeddings", "rope_parameters", "attention_bias", "dtype")
-
-
-def make_hf_model(arch: str, out: Path) -> None:
-    """A tiny fp32 model with every tensor random (norm weights and biases too, so a swapped name shows)."""
-    config_cls, model_cls, extra = ARCHS[arch]
-    torch.manual_seed(sorted(ARCHS).index(arch))
-    model = model_cls(config_cls(**TINY, **extra))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1.0 + 0.2 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
-    model.save_pretrained(out)
-    if arch == "llama":  # tokenizer files are copied when present
-        build_synthetic_tokenizer().save_pretrained(out)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -64,7 +43,7 @@ def restore_cpu_compat():
 def hf_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hf")
     for arch in ARCHS:
-        make_hf_model(arch, root / arch)
+        make_hf_model(arch, root / arch, with_tokenizer=arch == "llama")  # tokenizer files travel when present
     return {arch: root / arch for arch in ARCHS}
 
 
