@@ -57,6 +57,8 @@ def transformer_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, use
         attention_softmax_in_fp32=True, **_recompute_fields(p),
     )
     if use_cuda and m.fp8 is not None:
+        if not te_available():
+            raise ValueError(f"model.fp8={m.fp8!r} needs Transformer Engine, which does not import here")
         fields["fp8"], fields["fp8_recipe"] = FP8_RECIPES[m.fp8]
     if not use_cuda:
         if m.fp8 is not None:
@@ -77,12 +79,22 @@ class LocalRMSNorm(torch.nn.RMSNorm):
         self.weight.sequence_parallel = config.sequence_parallel
 
 
+def te_available() -> bool:
+    """Whether Transformer Engine imports (it needs CUDA; NGC containers ship it)."""
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # ImportError, or TE built for another CUDA / torch
+        return False
+    return True
+
+
 def layer_spec(model_cfg: ModelConfig, config, use_cuda: bool, vp_stage):
-    """TE layer spec on GPU (needed for FP8 and THD packing); on CPU megatron's local spec with LocalRMSNorm."""
+    """TE layer spec on GPU (needed for FP8 and THD packing); otherwise (CPU, or a GPU without Transformer
+    Engine: bf16 only) megatron's local spec with LocalRMSNorm."""
     from megatron.core.models.gpt import gpt_layer_specs
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-    if use_cuda:
+    if use_cuda and te_available():
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model_cfg.qk_layernorm)
     spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=model_cfg.qk_layernorm, normalization="RMSNorm")
     attention = spec.submodules.self_attention

@@ -66,7 +66,7 @@ def _deliver(full: Optional[torch.Tensor], plan: TensorPlan, pstate, dst_ranks: 
 def iter_hf_buckets(model_chunks: list, model_cfg, vocab_size: int, bucket_bytes: int, pstate,
                     dst_ranks: Sequence[int] = (0,)) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Buckets of (HF name, full tensor); yields only on `dst_ranks`, but every rank must run it to the end."""
-    mapping = get_mapping(model_cfg.arch, te_spec=torch.cuda.is_available())
+    mapping = get_mapping(model_cfg.arch)  # to_hf reads TE-fused and local norm names alike
     dims = dims_of(model_cfg, vocab_size)
     plans = _plan(model_chunks, pstate, model_cfg.tie_word_embeddings)
     for bucket in make_buckets(plans, bucket_bytes):

@@ -1,6 +1,6 @@
 """GPU: Transformer Engine layer spec in BF16, TE FP8 recipes, THD packing, and vocab-parallel log-prob memory.
 
-Skipped without CUDA (conftest) and without Transformer Engine (importorskip). One process, TP=1.
+Skipped without CUDA (conftest); the TE tests also without Transformer Engine (importorskip). One process, TP=1.
 """
 import pytest
 import torch
@@ -18,11 +18,17 @@ CFG = dict(num_layers=2, hidden_size=128, ffn_hidden_size=256, num_attention_hea
 
 
 @pytest.fixture(scope="module")
-def gpu_state():
-    pytest.importorskip("transformer_engine")
+def cuda_state():
     state = parallel.initialize(ParallelConfig(), seed=5)
     yield state
     parallel.destroy()
+
+
+@pytest.fixture
+def gpu_state(cuda_state):
+    """For the tests that need Transformer Engine (skipped where it does not import)."""
+    pytest.importorskip("transformer_engine")
+    return cuda_state
 
 
 def _sequences(n=4):
@@ -36,6 +42,23 @@ def _padded_logliks(model, state, batch, chunk_size=None):
     logits = model(batch.tokens, batch.position_ids, None)
     tok = lp.logprobs_from_logits(logits, batch, state.tp_group, 1.0, VOCAB, chunk_size)
     return lp.sequence_logprobs(tok, batch.loss_mask), logits
+
+
+def test_local_spec_bf16_on_a_gpu_without_te(cuda_state, monkeypatch):
+    """A GPU without Transformer Engine (the lent test machine) falls back to the local spec in bf16."""
+    from megatron_rence.megatron import model as model_module
+
+    monkeypatch.setattr(model_module, "te_available", lambda: False)
+    model = build_model(ModelConfig(**CFG), ParallelConfig(), VOCAB)[0]
+    names = dict(model.named_parameters())
+    assert "decoder.layers.0.input_layernorm.weight" in names
+    assert all(p.is_cuda and p.dtype == torch.bfloat16 for p in names.values())
+    loglik, _ = _padded_logliks(model, cuda_state, packing.pad_batch(_sequences(), pad_id=0))
+    assert torch.isfinite(loglik).all() and (loglik < 0).all()
+    loglik.sum().backward()
+    assert model.decoder.layers[0].mlp.linear_fc2.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="model.fp8='delayed' needs Transformer Engine"):
+        build_model(ModelConfig(**CFG, fp8="delayed"), ParallelConfig(), VOCAB)
 
 
 def test_te_spec_bf16_forward_backward(gpu_state):
@@ -101,7 +124,7 @@ def test_fp8_recipes_train_close_to_bf16(gpu_state, recipe):
     assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
-def test_logprob_memory_is_one_chunk(gpu_state):
+def test_logprob_memory_is_one_chunk(cuda_state):
     """The fp32 working set stays one [chunk, V] buffer, far below a full fp32 copy of the logits."""
     tokens, vocab, chunk = 8192, 151936, 1024
     logits = torch.randn(tokens, vocab, device="cuda", dtype=torch.bfloat16, requires_grad=True)

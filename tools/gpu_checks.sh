@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The GPU checks of issue 9 as one prepared script, for a session that the `device` tool lends a GPU to
+# (one H100/H200, torch + Triton, Python 3.12, no network, no Transformer Engine, no SGLang).
+#
+#   here (CPU, network to PyPI):  bash tools/gpu_checks.sh fetch      # ~14 MB of wheels into .whl/ (git-ignored)
+#   device tool:  run(command="bash tools/gpu_checks.sh run", carry=[".whl"], timeout_s=540)
+#
+# `run` installs the carried wheels into /tmp/site, then runs, each with its own time limit and its log in
+# $OUT: the gpu-marked tests, the log-prob benchmark, the train-step benchmark (1B, 7B with full
+# recompute), and the weight-sync benchmark. Tests that need TE or SGLang skip themselves and say so.
+# Written without a GPU to try it on: expect to adjust it in the first session that has one.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+WHEELS=(megatron-core==0.16.1 math-verify==0.9.0 latex2sympy2_extended==1.11.0 antlr4-python3-runtime==4.13.2
+        transformers==5.24.0)
+
+case "${1:-}" in
+fetch)
+  grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+  python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 --platform any -d .whl "${WHEELS[@]}"
+  du -sh .whl ;;
+run)
+  OUT=${OUT:-/tmp/gpu_checks}
+  mkdir -p "$OUT"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed"; exit 1; }
+  export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
+  python3 -c "import torch, megatron.core; print('torch', torch.__version__, 'megatron-core', megatron.core.__version__)" \
+    | tee -a "$OUT/device.txt"
+  step() { local name=$1 limit=$2; shift 2; echo "== $name (limit ${limit}s)"; timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log" | tail -25; }
+  step gpu_tests 150 python3 -m pytest -q -m gpu tests/gpu -p no:cacheprovider -rs
+  step bench_logprobs 60 python3 benchmarks/bench_logprobs.py --device cuda --tokens 4096 16384 --vocab 151936
+  step bench_train_1b 90 python3 benchmarks/bench_train_step.py --size 1b --seqs 16 --steps 3
+  step bench_train_7b 120 python3 benchmarks/bench_train_step.py --size 7b --seqs 8 --steps 2 --recompute full
+  step bench_weight_sync 60 python3 benchmarks/bench_weight_sync.py --device cuda --tp 1 --dtype bf16 ;;
+*)
+  echo "usage: bash tools/gpu_checks.sh fetch|run" >&2; exit 2 ;;
+esac
