@@ -305,6 +305,9 @@ def validate(cfg: Config, source: str = "<recipe>") -> None:
         fail("model.fp8", "FP8 training needs model.dtype bf16")
     if cfg.data.source == "file" and not cfg.data.train_path:
         fail("data.train_path", "data.source=file needs a train_path (jsonl or parquet)")
+    if t.debug_check_sync and r.engine != "hf":
+        fail("train.debug_check_sync", "compares the engine's weights with the trainer's, which only the CPU "
+             "engine (rollout.engine=hf) exposes")
     if cfg.weights.bucket_bytes < 1:
         fail("weights.bucket_bytes", "must be >= 1")
 

@@ -83,7 +83,7 @@ def check_engine_sync(model_chunks, model_cfg, vocab_size: int, engine, pstate, 
     from megatron_rence.weights.sync import iter_hf_buckets
 
     worst = 0.0
-    readable = engine is not None and hasattr(engine, "named_weight")  # the CPU engine; SGLang's are not
+    readable = engine is not None  # the CPU engine (config: debug_check_sync needs rollout.engine=hf)
     for bucket in iter_hf_buckets(model_chunks, model_cfg, vocab_size, 1 << 62, pstate, dst_ranks):
         if fp8 and readable:
             bucket = dequantize_bucket(quantize_bucket(bucket), torch.float32)

@@ -183,3 +183,8 @@ def test_hf_path_disagreeing_with_the_recipe_names_the_key(tmp_path):
 def test_unreadable_hf_path_keeps_the_recipe_fields(tmp_path):
     cfg = load_recipe(REPO / "recipes/rence_70b.yaml", [f"model.hf_path={tmp_path / 'absent'}"])
     assert cfg.model.hidden_size == 8192 and cfg.model.vocab_size == 128256
+
+
+def test_debug_check_sync_needs_the_cpu_engine():
+    with pytest.raises(ConfigError, match=r"train\.debug_check_sync: .*rollout\.engine=hf"):
+        load_recipe(REPO / "recipes/demo_cpu.yaml", ["train.debug_check_sync=true", "rollout.engine=sglang"])
