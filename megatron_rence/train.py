@@ -83,31 +83,15 @@ def setup(cfg: Config, resume: bool) -> Run:
                               frozen=True, pad_id=tokenizer.pad_token_id)
     dataset = PromptDataset(cfg.data, tokenizer)
     ckpt_dir = Path(cfg.checkpoint.dir or Path(cfg.train.run_dir) / "checkpoints")
-    start_step, resume_step = 0, None
     resuming = resume and checkpoint.latest(ckpt_dir) is not None
     if resume and not resuming:
         print(f"--resume: no checkpoint in {ckpt_dir}; starting from scratch")
-    needs_start = not resuming or ref_trainer is not None  # the starting weights are also the reference
-    if needs_start and cfg.checkpoint.load:
-        trainer.load(cfg.checkpoint.load, weights_only=True)
-    elif needs_start and cfg.model.hf_path:
-        from megatron_rence.weights.convert import init_from_hf
-
-        init_from_hf(trainer.model_chunks, cfg.model, vocab_size, pstate)
+    if not resuming or ref_trainer is not None:  # the starting weights are also the reference
+        load_starting_weights(cfg, trainer, vocab_size, pstate)
     if ref_trainer is not None:
-        ref_trainer.copy_weights_from(trainer)  # the reference is the starting policy (also after a resume)
-    if resuming:
-        state = trainer.load(ckpt_dir)
-        start_step = resume_step = state["step"]
-        dataset.load_state_dict(state["data"])
-        objective.load_state_dict(state["objective"])
-        print(f"resumed from {checkpoint.latest(ckpt_dir)} at step {start_step}")
-        every = cfg.objective.ref_update_every
-        if ref_trainer is not None and every:
-            ref_trainer.copy_weights_from(trainer)
-            if start_step % every:
-                print(f"objective.ref_update_every={every}: the reference restarts from the resumed policy "
-                      f"(step {start_step}), not from step {start_step - start_step % every}")
+        ref_trainer.copy_weights_from(trainer)
+    start_step = resume_from(ckpt_dir, cfg, trainer, ref_trainer, dataset, objective) if resuming else 0
+    resume_step = start_step if resuming else None
     engine_index, num_engines = engine_layout(cfg, pstate.rank, pstate.world_size)
     engine = reward_pool = None
     in_group, group = engine_process_group(cfg, pstate.rank, pstate.world_size)
@@ -123,6 +107,34 @@ def setup(cfg: Config, resume: bool) -> Run:
     return Run(cfg, pstate, tokenizer, trainer, ref_trainer, objective, dataset, engine,
                engine_index if engine_index is not None else -1, num_engines,
                engine_feed_ranks(cfg, pstate.world_size), vocab_size, reward_pool, logger, start_step)
+
+
+def load_starting_weights(cfg: Config, trainer, vocab_size: int, pstate) -> None:
+    """checkpoint.load (weights only), else model.hf_path's safetensors, else the seeded random init stays."""
+    if cfg.checkpoint.load:
+        trainer.load(cfg.checkpoint.load, weights_only=True)
+    elif cfg.model.hf_path:
+        from megatron_rence.weights.convert import init_from_hf
+
+        init_from_hf(trainer.model_chunks, cfg.model, vocab_size, pstate)
+
+
+def resume_from(ckpt_dir: Path, cfg: Config, trainer, ref_trainer, dataset, objective) -> int:
+    """Weights, optimizer, RNG, data position and objective state of the latest checkpoint; returns its step."""
+    from megatron_rence.megatron import checkpoint
+
+    state = trainer.load(ckpt_dir)
+    step = state["step"]
+    dataset.load_state_dict(state["data"])
+    objective.load_state_dict(state["objective"])
+    print(f"resumed from {checkpoint.latest(ckpt_dir)} at step {step}")
+    every = cfg.objective.ref_update_every
+    if ref_trainer is not None and every:  # semi-online DPO: the reference is not in the checkpoint
+        ref_trainer.copy_weights_from(trainer)
+        if step % every:
+            print(f"objective.ref_update_every={every}: the reference restarts from the resumed policy "
+                  f"(step {step}), not from step {step - step % every}")
+    return step
 
 
 def sync_weights(run: Run, version: int) -> dict:
