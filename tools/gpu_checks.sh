@@ -2,7 +2,7 @@
 # The GPU checks of issue 9 as one prepared script, for a session that the `device` tool lends a GPU to
 # (one H100/H200, torch + Triton, Python 3.12, no network, no Transformer Engine, no SGLang).
 #
-#   here (CPU, network to PyPI):  bash tools/gpu_checks.sh fetch      # ~14 MB of wheels into .whl/ (git-ignored)
+#   here (CPU, network to PyPI):  bash tools/gpu_checks.sh fetch      # ~3 MB of wheels into .whl/ (git-ignored)
 #   device tool:  run(command="bash tools/gpu_checks.sh run", carry=[".whl"], timeout_s=540)
 #
 # `run` installs the carried wheels into /tmp/site, then runs, each with its own time limit and its log in
@@ -11,8 +11,9 @@
 # Written without a GPU to try it on: expect to adjust it in the first session that has one.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-WHEELS=(megatron-core==0.16.1 math-verify==0.9.0 latex2sympy2_extended==1.11.0 antlr4-python3-runtime==4.13.2
-        transformers==5.24.0)
+# What the device image lacks (its transformers, tokenizers, safetensors, pyyaml, tqdm, psutil are used as
+# they are: transformers 5.x would also need a newer huggingface-hub and its own dependencies).
+WHEELS=(megatron-core==0.16.1 math-verify==0.9.0 latex2sympy2_extended==1.11.0 antlr4-python3-runtime==4.13.2)
 
 case "${1:-}" in
 fetch)
