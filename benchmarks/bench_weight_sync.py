@@ -157,7 +157,7 @@ def main(argv=None) -> None:
     for tp in args.tp:
         rows += run_layout(args, tp)
     bound = copy_bound(rows[0]["bytes"], device, args.repeats)
-    print(f"parameters on rank 0: " + ", ".join(f"TP={r['tp']} {r['params_per_rank'] / 1e6:.1f} M"
+    print("parameters on rank 0: " + ", ".join(f"TP={r['tp']} {r['params_per_rank'] / 1e6:.1f} M"
                                                for r in rows if r["bucket_mb"] == args.bucket_mb[0]))
     print(header)
     print("-" * len(header))

@@ -70,7 +70,7 @@ def test_generate_problems_deterministic_and_correct():
                                          ("max_value", -1), ("num_problems", 0)])
 def test_generate_problems_rejects_bad_config(field, value):
     cfg = SyntheticTaskConfig(**{field: value})
-    with pytest.raises(ValueError, match=f"data.synthetic"):
+    with pytest.raises(ValueError, match="data.synthetic"):
         generate_problems(cfg)
 
 
