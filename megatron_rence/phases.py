@@ -60,12 +60,12 @@ def engine_process_group(cfg: Config, rank: int, world_size: int):
 
     Collective: every rank creates every multi-rank group, in the same order.
     """
-    mine = None
+    serves, mine = False, None
     for ranks in engine_groups(cfg, world_size):
         group = dist.new_group(ranks) if len(ranks) > 1 else None
         if rank in ranks:
-            mine = group
-    return any(rank in ranks for ranks in engine_groups(cfg, world_size)), mine
+            serves, mine = True, group
+    return serves, mine
 
 
 def engine_feed_ranks(cfg: Config, world_size: int) -> list[int]:
@@ -75,7 +75,8 @@ def engine_feed_ranks(cfg: Config, world_size: int) -> list[int]:
 
 def check_engine_sync(model_chunks, model_cfg, vocab_size: int, engine, pstate, dst_ranks: list[int],
                       fp8: bool = False) -> dict:
-    """max |engine weight - trainer weight| over every HF tensor (debug; the CPU engine's weights are readable).
+    """max |engine weight - trainer weight| over every HF tensor (debug; the CPU engine's weights are readable,
+    so the config allows it with rollout.engine=hf only).
 
     With `fp8` the trainer's side goes through the same FP8 rounding as the stream, so 0 still means exact.
     """
@@ -83,13 +84,14 @@ def check_engine_sync(model_chunks, model_cfg, vocab_size: int, engine, pstate, 
     from megatron_rence.weights.sync import iter_hf_buckets
 
     worst = 0.0
-    readable = engine is not None  # the CPU engine (config: debug_check_sync needs rollout.engine=hf)
     for bucket in iter_hf_buckets(model_chunks, model_cfg, vocab_size, 1 << 62, pstate, dst_ranks):
-        if fp8 and readable:
+        if engine is None:  # every rank walks the stream; only the engine's rank compares
+            continue
+        if fp8:
             bucket = dequantize_bucket(quantize_bucket(bucket), torch.float32)
-        for name, tensor in bucket if readable else []:
+        for name, tensor in bucket:
             worst = max(worst, (engine.named_weight(name) - tensor).abs().max().item())
-    return {"sync/max_abs_diff": worst} if readable else {}
+    return {"sync/max_abs_diff": worst} if engine is not None else {}
 
 
 def _gather_objects(local: list) -> list:
