@@ -9,8 +9,11 @@ Two layouts:
   tokens from attending to padding and no padding mask is needed. megatron's local (non-TE) attention
   rejects packed sequences, hence this layout on CPU.
 * ``pack_thd`` (Transformer Engine on GPU): sequences concatenated into one row [1, T] with megatron's
-  ``PackedSeqParams(qkv_format="thd")``; each sequence is padded to ``pad_multiple(...)`` (TP with
-  sequence parallel: multiple of tp; CP: multiple of 2*cp; FP8: multiple of 16).
+  ``PackedSeqParams(qkv_format="thd")``; each sequence is padded to ``pad_multiple(...)``.
+Padding rules (``pad_multiple``): context parallelism cuts a sequence into 2*cp chunks and sequence
+parallelism cuts a CP rank's part over tp ranks, so the length is a multiple of ``cp * lcm(2, tp)`` (CP and
+SP), ``2*cp`` (CP) or ``tp`` (SP). Transformer Engine's FP8 GEMMs need each rank's token count (rows x
+length / (tp * cp)) to be a multiple of ``fp8_align`` (16; 128 for the blockwise recipe, as NeMo-RL pads).
 Context parallelism splits every sequence into 2*cp chunks and gives rank r chunks r and 2*cp-1-r
 (megatron's load balancing for causal attention): ``split_padded_for_cp`` / ``split_packed_for_cp``.
 """
@@ -18,22 +21,37 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
 IGNORE = -1  # target id of positions without a next token (see logprobs.vocab_parallel_logprobs)
 
 
-def pad_multiple(tp: int = 1, cp: int = 1, sequence_parallel: bool = False, fp8: bool = False) -> int:
-    """The length every (packed) sequence is padded to a multiple of for this layout."""
-    multiple = 1
-    if sequence_parallel and tp > 1:
-        multiple = math.lcm(multiple, tp)
-    if cp > 1:
-        multiple = math.lcm(multiple, 2 * cp)
-    if fp8:
-        multiple = math.lcm(multiple, 16)
+# model.fp8 recipe -> the multiple of tokens per rank its GEMMs need (delayed / tensorwise: 16; blockwise
+# 1x128 / 128x128 scaling tiles: 128)
+FP8_ALIGN = {"delayed": 16, "tensorwise": 16, "blockwise": 128}
+
+
+def fp8_align_for(recipe: Optional[str]) -> int:
+    """Tokens per rank must be a multiple of this under `model.fp8=recipe` (1 without FP8)."""
+    if recipe is None:
+        return 1
+    if recipe not in FP8_ALIGN:
+        raise ValueError(f"model.fp8: unknown recipe {recipe!r} (known: {sorted(FP8_ALIGN)})")
+    return FP8_ALIGN[recipe]
+
+
+def pad_multiple(tp: int = 1, cp: int = 1, sequence_parallel: bool = False, fp8_align: int = 1,
+                 rows: int = 1) -> int:
+    """The length every sequence of a [rows, S] batch (or every packed sequence, rows=1) is padded to a
+    multiple of, so that the CP and SP splits are even and each rank's rows * S / (tp_sp * cp) tokens are a
+    multiple of `fp8_align` (tp_sp: tp with sequence parallelism, else 1)."""
+    tp_split = tp if sequence_parallel and tp > 1 else 1
+    multiple = cp * math.lcm(2 if cp > 1 else 1, tp_split)
+    if fp8_align > 1:
+        tokens = tp_split * cp * fp8_align  # rows * S must be a multiple of this
+        multiple = math.lcm(multiple, tokens // math.gcd(tokens, rows))
     return multiple
 
 
@@ -129,13 +147,21 @@ class PackedBatch:
                                max_seqlen_q=self.max_seqlen, max_seqlen_kv=self.max_seqlen)
 
 
-def pack_thd(sequences: Sequence[tuple[Sequence[int], int]], pad_id: int, multiple: int = 1) -> PackedBatch:
-    """Concatenate sequences, each padded to a multiple of `multiple`, into one [1, T] row."""
+def pack_thd(sequences: Sequence[tuple[Sequence[int], int]], pad_id: int, multiple: int = 1,
+             total_multiple: Optional[int] = None) -> PackedBatch:
+    """Concatenate sequences, each padded to a multiple of `multiple`, into one [1, T] row; the last one is
+    padded further so that T is a multiple of `total_multiple` (FP8: ``pad_multiple(..., fp8_align=...)``)."""
     _check(sequences)
+    total_multiple = multiple if total_multiple is None else total_multiple
+    if total_multiple % multiple:
+        raise ValueError(f"total_multiple={total_multiple} must be a multiple of multiple={multiple}")
+    total = _round_up(sum(_round_up(len(t), multiple) for t, _ in sequences), total_multiple)
     tokens, positions, targets, mask, index = [], [], [], [], []
     cu_padded = [0]
     for i, (seq, prompt_len) in enumerate(sequences):
         n, padded = len(seq), _round_up(len(seq), multiple)
+        if i == len(sequences) - 1:
+            padded = total - cu_padded[-1]
         tgt, m = _targets_and_mask(seq, prompt_len)
         tokens += list(seq) + [pad_id] * (padded - n)
         targets += tgt + [IGNORE] * (padded - n)

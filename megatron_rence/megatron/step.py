@@ -57,6 +57,19 @@ def plan_microbatches(num_items: int, items_per_mb: int, dp_size: int, dp_rank: 
     return [mine[i * items_per_mb:(i + 1) * items_per_mb] for i in range(num_mb)]
 
 
+def batch_width(cfg: Config, longest: int, row_counts: Sequence[int]) -> int:
+    """The padded length S shared by the microbatches of one call (`row_counts`: their rows): `longest`
+    rounded up so that the CP / SP splits are even and, with model.fp8, every rank's tokens of every
+    microbatch are a multiple of the recipe's alignment (packing.pad_multiple)."""
+    m, p = cfg.model, cfg.parallel
+    if longest > m.max_position_embeddings:
+        raise ValueError(f"a sequence of {longest} tokens exceeds model.max_position_embeddings="
+                         f"{m.max_position_embeddings}")
+    multiple = packing.pad_multiple(p.tp, p.cp, p.sequence_parallel, packing.fp8_align_for(m.fp8),
+                                    rows=math.gcd(*row_counts))
+    return -(-longest // multiple) * multiple
+
+
 @dataclass
 class Microbatch:
     """Rows 0..num_real-1 are real sequences, the rest filler. batch: [B, S]; old/ref_logprobs: [B, S] aligned with
@@ -150,14 +163,9 @@ class Trainer:
         return cfg.train.num_steps * per_rollout
 
     # ------------------------------------------------------------------ batches
-    def _width(self, sequences: Sequence[Seq]) -> int:
-        p = self.cfg.parallel
-        multiple = packing.pad_multiple(p.tp, p.cp, p.sequence_parallel, self.cfg.model.fp8 is not None)
-        longest = max(len(t) for t, _ in sequences)
-        if longest > self.cfg.model.max_position_embeddings:
-            raise ValueError(f"a sequence of {longest} tokens exceeds model.max_position_embeddings="
-                             f"{self.cfg.model.max_position_embeddings}")
-        return -(-longest // multiple) * multiple
+    def _width(self, sequences: Sequence[Seq], plan: list[list[int]], rows: int) -> int:
+        counts = [rows if self.state.pp_size > 1 else max(1, len(index)) for index in plan]
+        return batch_width(self.cfg, max(len(t) for t, _ in sequences), counts)
 
     def _microbatch(self, sequences, index: list[int], rows: int, width: int) -> Microbatch:
         seqs = [sequences[i] for i in index]
@@ -203,7 +211,8 @@ class Trainer:
         """Per-sequence fp32 log-probs of the response tokens under softmax(logits / temperature), on every rank."""
         mbs = self.cfg.train.logprobs_micro_batch_size or self.cfg.train.micro_batch_size
         plan = plan_microbatches(len(sequences), mbs, self.state.dp_size, self.state.dp_rank)
-        rows, width = min(mbs, max(len(p) for p in plan) or 1), self._width(sequences)
+        rows = min(mbs, max(len(p) for p in plan) or 1)
+        width = self._width(sequences, plan, rows)
         microbatches = [self._microbatch(sequences, index, rows, width) for index in plan]
         found: dict[int, torch.Tensor] = {}
 
@@ -266,7 +275,8 @@ class Trainer:
         plan = [[g * k + j for g in groups for j in range(k)] for groups in group_plan]
         all_rows = [len(p) * k for r in range(self.state.dp_size)
                     for p in plan_microbatches(len(sequences) // k, mbs // k, self.state.dp_size, r)]
-        rows, width = min(mbs, max(all_rows) or k), self._width(sequences)
+        rows = min(mbs, max(all_rows) or k)
+        width = self._width(sequences, plan, rows)
         microbatches = []
         for index in plan:
             mb = self._microbatch(sequences, index, rows, width)

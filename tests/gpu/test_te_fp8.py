@@ -109,7 +109,9 @@ def test_fp8_recipes_train_close_to_bf16(gpu_state, recipe):
     ok, reason = _fp8_available(recipe)
     if not ok:
         pytest.skip(f"FP8 {recipe}: {reason}")
-    batch = packing.pad_batch(_sequences(), pad_id=0, multiple=packing.pad_multiple(fp8=True))
+    seqs = _sequences()
+    batch = packing.pad_batch(seqs, pad_id=0, multiple=packing.pad_multiple(
+        fp8_align=packing.fp8_align_for(recipe), rows=len(seqs)))
     state = parallel.initialize(ParallelConfig(), seed=5)
     reference, _ = _padded_logliks(build_model(ModelConfig(**CFG), ParallelConfig(), VOCAB)[0], state, batch)
     state = parallel.initialize(ParallelConfig(), seed=5)  # same seed: same initial weights

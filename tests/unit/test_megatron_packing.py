@@ -12,9 +12,48 @@ def test_pad_multiple_rules():
     assert packing.pad_multiple(tp=4) == 1  # TP without sequence parallel needs nothing
     assert packing.pad_multiple(tp=4, sequence_parallel=True) == 4
     assert packing.pad_multiple(cp=2) == 4
-    assert packing.pad_multiple(tp=2, cp=3, sequence_parallel=True) == 6
-    assert packing.pad_multiple(tp=8, cp=2, sequence_parallel=True, fp8=True) == 16
-    assert packing.pad_multiple(tp=3, sequence_parallel=True, fp8=True) == 48
+    assert packing.pad_multiple(tp=2, cp=3, sequence_parallel=True) == 6  # 2*3 chunks of S/6, each CP part /2
+    # CP part S/2 must split over 4 SP ranks and into 2 chunks: S = 2 * lcm(2, 4) = 8 (lcm(4, 4) = 4 is too short)
+    assert packing.pad_multiple(tp=4, cp=2, sequence_parallel=True) == 8
+    # FP8, one row: each rank's S / (tp_sp * cp) tokens a multiple of 16 (128 blockwise)
+    assert packing.pad_multiple(fp8_align=16) == 16
+    assert packing.pad_multiple(tp=8, cp=2, sequence_parallel=True, fp8_align=16) == 8 * 2 * 16
+    assert packing.pad_multiple(tp=3, sequence_parallel=True, fp8_align=16) == 48
+    assert packing.pad_multiple(tp=2, sequence_parallel=True, fp8_align=128) == 256
+    assert packing.pad_multiple(tp=2, fp8_align=16) == 16  # no SP: every TP rank sees the whole sequence
+    # rows share the alignment: 8 rows x S=32 tokens / 16 ranks = 16 per rank
+    assert packing.pad_multiple(tp=8, cp=2, sequence_parallel=True, fp8_align=16, rows=8) == 32
+    assert packing.pad_multiple(fp8_align=16, rows=6) == 8  # 6 * 8 = 48 = 3 * 16
+    assert packing.pad_multiple(fp8_align=16, rows=32) == 1
+
+
+def test_fp8_align_for_recipes():
+    assert packing.fp8_align_for(None) == 1
+    assert [packing.fp8_align_for(r) for r in ("delayed", "tensorwise", "blockwise")] == [16, 16, 128]
+    with pytest.raises(ValueError, match="model.fp8"):
+        packing.fp8_align_for("mxfp4")
+
+
+@pytest.mark.parametrize("tp,cp,sp,align,rows", [(tp, cp, sp, align, rows) for tp in (1, 2, 3, 4, 8)
+                                                  for cp in (1, 2, 3) for sp in (False, True)
+                                                  for align in (1, 16, 128) for rows in (1, 3, 8)])
+def test_pad_multiple_splits_evenly(tp, cp, sp, align, rows):
+    """Invariant: at the returned length every CP chunk and SP shard is whole, and each rank's tokens are a
+    multiple of the FP8 alignment; the length is the smallest multiple with these properties."""
+    m = packing.pad_multiple(tp, cp, sp, align, rows)
+    tp_split = tp if sp and tp > 1 else 1
+
+    def fits(length: int) -> bool:
+        if cp > 1 and length % (2 * cp):
+            return False
+        if length % cp or (length // cp) % tp_split:
+            return False
+        return (rows * length // (cp * tp_split)) % align == 0
+
+    assert fits(m) and fits(3 * m)
+    assert not any(fits(length) for length in range(1, m))
+    if cp > 1:  # the real split: every CP rank holds 2 chunks of equal size
+        assert packing.cp_chunk_indices(m, cp - 1, cp).numel() == m // cp
 
 
 def test_pad_batch_targets_and_mask():
@@ -44,6 +83,21 @@ def test_pack_thd_offsets_and_index():
     assert [t.tolist() for t in per_seq] == [[1.0, 2.0, 3.0], [8.0, 9.0], []]
     params = b.packed_seq_params()
     assert params.qkv_format == "thd" and params.cu_seqlens_q_padded is b.cu_seqlens_padded
+
+
+def test_pack_thd_total_multiple_pads_the_last_sequence():
+    # per sequence to 4 (5->8, 3->4, 2->4: 16 tokens), the row to 24: the last sequence takes the 8 extra
+    b = packing.pack_thd(SEQS, pad_id=0, multiple=4, total_multiple=24)
+    assert b.tokens.shape == (1, 24)
+    assert b.cu_seqlens_padded.tolist() == [0, 8, 12, 24]
+    assert b.cu_seqlens.tolist() == [0, 5, 8, 10]
+    assert b.max_seqlen == 12
+    assert b.seq_index.tolist()[12:] == [2, 2] + [-1] * 10
+    per_seq = packing.unpack_response_logprobs(b, torch.arange(24.0).view(1, 24))
+    assert [t.tolist() for t in per_seq] == [[1.0, 2.0, 3.0], [8.0, 9.0], []]
+    assert packing.pack_thd(SEQS, pad_id=0, multiple=4, total_multiple=16).tokens.shape == (1, 16)
+    with pytest.raises(ValueError, match="total_multiple=6 must be a multiple of multiple=4"):
+        packing.pack_thd(SEQS, pad_id=0, multiple=4, total_multiple=6)
 
 
 def test_bad_prompt_len_names_the_sequence():

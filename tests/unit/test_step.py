@@ -1,5 +1,6 @@
 """Trainer (one process): the gradient is that of objective(whole batch, normalizer) however the batch is split,
 microbatch planning over data-parallel ranks, input validation, and the LR schedule's hand-computed values."""
+import dataclasses
 import math
 from types import SimpleNamespace
 
@@ -9,7 +10,7 @@ import torch
 from megatron_rence.config import Config, ConfigError, ModelConfig, ObjectiveConfig, OptimConfig
 from megatron_rence.megatron import cpu_compat, logprobs, optim, packing, parallel
 from megatron_rence.megatron.model import build_model
-from megatron_rence.megatron.step import Trainer, plan_microbatches, scatter_response
+from megatron_rence.megatron.step import Trainer, batch_width, plan_microbatches, scatter_response
 from megatron_rence.objectives import ObjectiveBatch, get_objective
 
 VOCAB = 61
@@ -148,6 +149,24 @@ def test_plan_microbatches_gives_every_rank_the_same_count():
     assert plan_microbatches(5, 2, 2, 1) == [[2, 3], [4]]
     assert plan_microbatches(1, 2, 2, 0) == [[]]
     assert plan_microbatches(1, 2, 2, 1) == [[0]]
+
+
+def test_batch_width_pads_for_splits_and_fp8():
+    cfg = make_cfg(K)
+    cfg.model = dataclasses.replace(MODEL, max_position_embeddings=4096)
+    assert batch_width(cfg, 37, [8, 8, 3]) == 37
+    cfg.parallel.tp, cfg.parallel.sequence_parallel = 4, True
+    assert batch_width(cfg, 37, [8]) == 40  # 4 SP shards of 10
+    cfg.model.fp8 = "delayed"  # bf16 is not needed here: only the padding rule is checked
+    # rows 8 and 8: 8 * S / 4 a multiple of 16 -> S multiple of 8 (and of 4)
+    assert batch_width(cfg, 37, [8, 8]) == 40
+    # a 3-row microbatch (gcd 1): S / 4 itself a multiple of 16
+    assert batch_width(cfg, 37, [8, 8, 3]) == 64
+    cfg.model.fp8 = "blockwise"
+    assert batch_width(cfg, 37, [8]) == 64  # 8 * 64 / 4 = 128
+    assert batch_width(cfg, 37, [1]) == 512
+    with pytest.raises(ValueError, match="max_position_embeddings=4096"):
+        batch_width(cfg, 5000, [8])
 
 
 def test_input_errors_name_the_key(pstate):
