@@ -93,6 +93,19 @@ def parse_output(out: dict, fallback_version: int) -> Completion:
                       text=out.get("text", ""))
 
 
+def check_fp8_shapes(model_cfg, engine_tp: int) -> None:
+    """ConfigError before the engine starts if SGLang's block-FP8 layers would refuse the model's shapes."""
+    from megatron_rence.config import ConfigError
+    from megatron_rence.planning.layout import sglang_block_shape_problems
+
+    m = model_cfg
+    problems = sglang_block_shape_problems(m.num_attention_heads, m.num_query_groups, m.head_dim,
+                                           m.ffn_hidden_size, engine_tp)
+    if problems:
+        raise ConfigError(f"rollout.sglang.fp8_weights: SGLang's 128x128 block FP8 needs whole blocks per shard: "
+                          f"{'; '.join(problems)} (at rollout.sglang.tp={engine_tp}); set fp8_weights=false")
+
+
 def write_model_dir(hf_config, tokenizer, path: Path, fp8: bool) -> Path:
     """config.json + tokenizer files: all SGLang needs to build the model with dummy weights."""
     path.mkdir(parents=True, exist_ok=True)
@@ -180,6 +193,8 @@ class SGLangEngine:
     @classmethod
     def from_config(cls, cfg, hf_config, tokenizer, group=None) -> "SGLangEngine":
         s = cfg.rollout.sglang
+        if s.fp8_weights:
+            check_fp8_shapes(cfg.model, s.tp)
         rank = dist.get_rank() if dist.is_initialized() else 0
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         base_gpu_id = torch.cuda.current_device() if torch.cuda.is_available() else local_rank

@@ -173,11 +173,36 @@ def test_70b_recipe_layout_and_kv_cache():
     (["parallel.pp=4", "parallel.vpp=2", "train.global_batch_size=32"], "parallel.vpp"),
     (["rollout.sglang.tp=3"], "rollout.sglang.tp"),  # not a divisor of 8 GPUs per node nor of 64 heads
     (["model.fp8=delayed", "model.ffn_hidden_size=28680"], "model.ffn_hidden_size"),  # 28680/8 = 3585, not /16
+    # 28160 / 8 = 3520 rows of gate/up per engine rank: not whole 128-row FP8 blocks
+    (["rollout.sglang.fp8_weights=true", "model.ffn_hidden_size=28160"], "rollout.sglang.fp8_weights"),
 ])
 def test_invalid_layouts_name_the_key(overrides, key):
     report = plan(load_recipe(REPO / "recipes" / "rence_70b.yaml", overrides), Hardware(nodes=8, gpus_per_node=8))
     assert report.exit_code == 2
     assert any(key in e for e in report.layout.errors), report.layout.errors
+
+
+def test_sglang_block_fp8_shape_rules_by_hand():
+    from megatron_rence.planning.layout import sglang_block_shape_problems
+
+    assert sglang_block_shape_problems(64, 8, 128, 28672, engine_tp=8) == []  # Llama-3-70B
+    assert sglang_block_shape_problems(64, 8, 128, 28672, engine_tp=1) == []
+    assert sglang_block_shape_problems(12, 2, 128, 8960, engine_tp=2) == []  # Qwen2.5-1.5B: kv 1 head per rank
+    # tp=4: q 384 (3 blocks), kv 2 heads < 4 ranks -> 1 replicated head = 128; ffn 8960 / 4 = 2240 = 17.5 blocks
+    problems = sglang_block_shape_problems(12, 2, 128, 8960, engine_tp=4)
+    assert problems == ["gate_proj / up_proj rows per engine rank = 2240 is not a multiple of the 128-wide FP8 block",
+                        "down_proj columns per engine rank = 2240 is not a multiple of the 128-wide FP8 block"]
+    # the demo-sized model: 4 heads x 16, 2 KV heads, ffn 128 at tp=1 (row-parallel inputs are unsplit)
+    assert [p.split(" per")[0] for p in sglang_block_shape_problems(4, 2, 16, 128, engine_tp=1)] == [
+        "q_proj rows", "k_proj / v_proj rows"]
+
+
+def test_recipes_serve_fp8_weights_at_their_engine_tp():
+    for name in ("rence_70b.yaml", "rence_8b.yaml", "rence_1p5b.yaml", "qwen3_4b_paper.yaml"):
+        path = REPO / "recipes" / name
+        nodes, gpus = _documented_cluster(path)
+        report = plan(load_recipe(path, ["rollout.sglang.fp8_weights=true"]), Hardware(nodes=nodes, gpus_per_node=gpus))
+        assert not report.layout.errors, (name, report.layout.errors)
 
 
 def test_valid_interleaved_layout():

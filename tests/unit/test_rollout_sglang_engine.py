@@ -313,3 +313,15 @@ def test_build_engine_dispatch(tmp_path):
     cfg.rollout.engine = "vllm"
     with pytest.raises(ValueError, match="rollout.engine"):
         build_engine(cfg, None, None)
+
+
+def test_fp8_weights_with_partial_blocks_fail_before_the_engine_starts():
+    from megatron_rence.config import ConfigError, ModelConfig
+    from megatron_rence.rollout.sglang_engine import SGLangEngine
+
+    cfg = Config()
+    cfg.model = ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
+                            num_query_groups=2)
+    cfg.rollout.engine, cfg.rollout.sglang.fp8_weights = "sglang", True
+    with pytest.raises(ConfigError, match=r"rollout.sglang.fp8_weights: .*q_proj rows per engine rank = 64"):
+        SGLangEngine.from_config(cfg, hf_config=None, tokenizer=None)
