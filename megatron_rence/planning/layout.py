@@ -95,25 +95,28 @@ def _check_engine(cfg: Config, hw: Hardware, err) -> None:
     if not 0.0 < s.mem_fraction_static < 1.0:
         err(f"rollout.sglang.mem_fraction_static: must be in (0, 1), got {s.mem_fraction_static}")
     if s.fp8_weights:
-        for problem in sglang_block_shape_problems(m.num_attention_heads, m.num_query_groups, m.head_dim,
-                                                   m.ffn_hidden_size, s.tp):
+        for problem in sglang_block_shape_problems(m.hidden_size, m.num_attention_heads, m.num_query_groups,
+                                                   m.head_dim, m.ffn_hidden_size, s.tp):
             err(f"rollout.sglang.fp8_weights: SGLang's 128x128 block FP8 needs whole blocks per shard: {problem} "
                 f"(at rollout.sglang.tp={s.tp}); serve this model in bf16 (fp8_weights=false)")
 
 
-def sglang_block_shape_problems(num_heads: int, num_kv_heads: int, head_dim: int, ffn_hidden_size: int,
-                                engine_tp: int, block: int = 128) -> list[str]:
+def sglang_block_shape_problems(hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                                ffn_hidden_size: int, engine_tp: int, block: int = 128) -> list[str]:
     """Why SGLang's block-FP8 linear layers would refuse this architecture at engine TP `engine_tp` ([] if
     none). SGLang (as vLLM) splits each merged or TP-sharded weight's scale blocks per shard, so every shard
     must hold whole 128-row blocks: q, k, v (merged qkv_proj) and gate, up (merged gate_up_proj) rows per
-    engine rank, and with engine TP > 1 the row-parallel o_proj / down_proj columns per rank."""
+    engine rank, and with engine TP > 1 the row-parallel o_proj / down_proj columns per rank. Activations are
+    quantised per 128-column group, so the hidden size (the input of q/k/v and gate/up) must be whole groups."""
     kv_per_rank = max(1, num_kv_heads // engine_tp) * head_dim  # kv heads are replicated when tp > num_kv_heads
     q_per_rank, ffn_per_rank = num_heads * head_dim // engine_tp, ffn_hidden_size // engine_tp
-    checks = [("q_proj rows", q_per_rank), ("k_proj / v_proj rows", kv_per_rank),
-              ("gate_proj / up_proj rows", ffn_per_rank)]
+    per_rank = [("q_proj rows", q_per_rank), ("k_proj / v_proj rows", kv_per_rank),
+                ("gate_proj / up_proj rows", ffn_per_rank)]
     if engine_tp > 1:
-        checks += [("o_proj columns", q_per_rank), ("down_proj columns", ffn_per_rank)]
-    return [f"{what} per engine rank = {size} is not a multiple of the {block}-wide FP8 block"
+        per_rank += [("o_proj columns", q_per_rank), ("down_proj columns", ffn_per_rank)]
+    checks = [("hidden_size (q/k/v, gate/up input columns)", hidden_size)]
+    checks += [(f"{what} per engine rank", size) for what, size in per_rank]
+    return [f"{what} = {size} is not a multiple of the {block}-wide FP8 block"
             for what, size in checks if size % block]
 
 

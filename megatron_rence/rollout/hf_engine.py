@@ -51,6 +51,7 @@ class HFEngine:
         self.cache_kwarg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self.weight_version = 0
         self.loaded: set[str] = set()  # HF names received since construction
+        self.w8a8_hooks: list = []  # set once FP8 weights arrive (update_weights)
         self._alive = True
 
     # ---- weights -------------------------------------------------------------------------------------
@@ -60,12 +61,15 @@ class HFEngine:
         With tied embeddings the model has one tensor for `model.embed_tokens.weight` and
         `lm_head.weight`; either name loads it. A bucket of block-FP8 weights (`weight_scale_inv`
         tensors, rollout.sglang.fp8_weights) is dequantised first: this engine has no FP8 kernels, so it
-        then samples with the FP8-rounded weights (activations stay in full precision).
+        then samples with the FP8-rounded weights, and from the first such bucket on it also rounds the
+        inputs of those linear layers as SGLang's W8A8 block-FP8 GEMMs do (quantize.emulate_w8a8).
         """
         if any(name.endswith(".weight_scale_inv") for name, _ in bucket):
-            from megatron_rence.weights.quantize import dequantize_bucket
+            from megatron_rence.weights.quantize import dequantize_bucket, emulate_w8a8
 
             bucket = dequantize_bucket(bucket, torch.float32)
+            if not self.w8a8_hooks:
+                self.w8a8_hooks = emulate_w8a8(self.model)
         with torch.no_grad():
             for name, tensor in bucket:
                 target = self._param(name)

@@ -99,7 +99,7 @@ def check_fp8_shapes(model_cfg, engine_tp: int) -> None:
     from megatron_rence.planning.layout import sglang_block_shape_problems
 
     m = model_cfg
-    problems = sglang_block_shape_problems(m.num_attention_heads, m.num_query_groups, m.head_dim,
+    problems = sglang_block_shape_problems(m.hidden_size, m.num_attention_heads, m.num_query_groups, m.head_dim,
                                            m.ffn_hidden_size, engine_tp)
     if problems:
         raise ConfigError(f"rollout.sglang.fp8_weights: SGLang's 128x128 block FP8 needs whole blocks per shard: "

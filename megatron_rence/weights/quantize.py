@@ -7,6 +7,11 @@ use): for each linear weight `W [out, in]`, `...proj.weight` holds float8_e4m3fn
 The engine's model directory declares `quantization_config = {quant_method: fp8, weight_block_size:
 [128, 128]}` (rollout/sglang_engine.write_model_dir). Embeddings, the output layer, norms and biases stay
 in the training dtype, as in those checkpoints.
+
+SGLang serves such a layer as a W8A8 GEMM: each activation row is quantised on the fly per 128-column group
+(scale = group amax / 448) and the products are rescaled blockwise in fp32, which equals
+``dequant(x) @ dequant(W).T``. `emulate_w8a8` reproduces that on an engine without FP8 kernels (the CPU
+engine) so the train/engine mismatch it reports includes the activation rounding too.
 """
 from __future__ import annotations
 
@@ -72,3 +77,27 @@ def dequantize_bucket(bucket: list[tuple[str, torch.Tensor]], dtype: torch.dtype
             tensor = dequantize_block_fp8(tensor, scales[name])
         out.append((name, tensor.to(dtype)))
     return out
+
+
+def fake_quantize_activations(x: torch.Tensor, group: int = BLOCK) -> torch.Tensor:
+    """x rounded as SGLang's dynamic per-token-group FP8 quantisation rounds it, then dequantised: each run of
+    `group` values along the last dim gets scale = max(amax, 1e-10) / 448. (SGLang needs the last dim to be
+    a multiple of `group`; a shorter last group is allowed here, for models below one block.)"""
+    width = x.shape[-1]
+    groups = -(-width // group)
+    flat = torch.nn.functional.pad(x.float().reshape(-1, width), (0, groups * group - width))
+    flat = flat.view(-1, groups, group)
+    scale = flat.abs().amax(dim=-1, keepdim=True).clamp(min=1e-10) / FP8_MAX
+    q = (flat / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    back = (q.float() * scale).view(-1, groups * group)[:, :width]
+    return back.reshape(x.shape).to(x.dtype)
+
+
+def emulate_w8a8(model: torch.nn.Module, group: int = BLOCK) -> list:
+    """Quantise the inputs of the model's block-FP8 linear layers (the HF names `is_quantized_linear`
+    matches) with `fake_quantize_activations`; returns the hook handles (``handle.remove()`` undoes it)."""
+    def hook(module, args):
+        return (fake_quantize_activations(args[0], group),) + tuple(args[1:])
+
+    return [module.register_forward_pre_hook(hook) for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and is_quantized_linear(f"{name}.weight")]

@@ -185,16 +185,17 @@ def test_invalid_layouts_name_the_key(overrides, key):
 def test_sglang_block_fp8_shape_rules_by_hand():
     from megatron_rence.planning.layout import sglang_block_shape_problems
 
-    assert sglang_block_shape_problems(64, 8, 128, 28672, engine_tp=8) == []  # Llama-3-70B
-    assert sglang_block_shape_problems(64, 8, 128, 28672, engine_tp=1) == []
-    assert sglang_block_shape_problems(12, 2, 128, 8960, engine_tp=2) == []  # Qwen2.5-1.5B: kv 1 head per rank
+    assert sglang_block_shape_problems(8192, 64, 8, 128, 28672, engine_tp=8) == []  # Llama-3-70B
+    assert sglang_block_shape_problems(8192, 64, 8, 128, 28672, engine_tp=1) == []
+    assert sglang_block_shape_problems(1536, 12, 2, 128, 8960, engine_tp=2) == []  # Qwen2.5-1.5B: kv 1 head per rank
     # tp=4: q 384 (3 blocks), kv 2 heads < 4 ranks -> 1 replicated head = 128; ffn 8960 / 4 = 2240 = 17.5 blocks
-    problems = sglang_block_shape_problems(12, 2, 128, 8960, engine_tp=4)
+    problems = sglang_block_shape_problems(1536, 12, 2, 128, 8960, engine_tp=4)
     assert problems == ["gate_proj / up_proj rows per engine rank = 2240 is not a multiple of the 128-wide FP8 block",
                         "down_proj columns per engine rank = 2240 is not a multiple of the 128-wide FP8 block"]
-    # the demo-sized model: 4 heads x 16, 2 KV heads, ffn 128 at tp=1 (row-parallel inputs are unsplit)
-    assert [p.split(" per")[0] for p in sglang_block_shape_problems(4, 2, 16, 128, engine_tp=1)] == [
-        "q_proj rows", "k_proj / v_proj rows"]
+    # a demo-sized model: hidden 64 = 4 heads x 16, 2 KV heads, ffn 128 at tp=1 (row-parallel inputs unsplit)
+    assert [p.split(" = ")[0] for p in sglang_block_shape_problems(64, 4, 2, 16, 128, engine_tp=1)] == [
+        "hidden_size (q/k/v, gate/up input columns)", "q_proj rows per engine rank",
+        "k_proj / v_proj rows per engine rank"]
 
 
 def test_recipes_serve_fp8_weights_at_their_engine_tp():

@@ -1,12 +1,12 @@
-"""Block FP8 rollout weights: hand-computed scales, the e4m3 error bound, which tensors are quantised, and
-the CPU engine loading a quantised bucket as the FP8-rounded weights."""
+"""Block FP8 rollout weights: hand-computed scales, the e4m3 error bound, which tensors are quantised, the
+W8A8 activation emulation, and the CPU engine loading a quantised bucket as the FP8-rounded weights."""
 import pytest
 import torch
 import transformers
 
 from megatron_rence.rollout.hf_engine import HFEngine
-from megatron_rence.weights.quantize import (FP8, FP8_MAX, dequantize_block_fp8, dequantize_bucket,
-                                             quantize_block_fp8, quantize_bucket)
+from megatron_rence.weights.quantize import (FP8, FP8_MAX, dequantize_block_fp8, dequantize_bucket, emulate_w8a8,
+                                             fake_quantize_activations, quantize_block_fp8, quantize_bucket)
 
 
 def test_scale_is_block_amax_over_448_and_exact_values_survive():
@@ -68,3 +68,53 @@ def test_cpu_engine_loads_a_quantised_bucket_as_rounded_weights():
     q, s = quantize_block_fp8(w)
     assert torch.equal(engine.named_weight("model.layers.0.mlp.up_proj.weight"), dequantize_block_fp8(q, s))
     assert engine.weight_version == 3
+    assert len(engine.w8a8_hooks) == 7  # q, k, v, o, gate, up, down of the one layer: activations rounded too
+    engine.update_weights(quantize_bucket([("model.layers.0.mlp.up_proj.weight", w)]), version=4)
+    assert len(engine.w8a8_hooks) == 7  # installed once
+
+
+def test_activation_groups_by_hand():
+    # group 2: [1, -4] amax 4 -> scale 4/448: 1 -> 112, -4 -> -448 (exact); [3, 0] -> 448, 0 (exact)
+    x = torch.tensor([[1.0, -4.0, 3.0, 0.0]])
+    assert torch.equal(fake_quantize_activations(x, group=2), x)
+    # [10, 1.1]: 1.1 * 448 / 10 = 49.28; e4m3 spacing in [32, 64) is 4 -> 48 -> 48 * 10 / 448
+    out = fake_quantize_activations(torch.tensor([[10.0, 1.1]]), group=2)
+    torch.testing.assert_close(out, torch.tensor([[10.0, 480 / 448]]), rtol=1e-6, atol=0)
+    # a width of 3 in groups of 2: the last value is a group of its own (exact: it is its own amax)
+    out = fake_quantize_activations(torch.tensor([[10.0, 1.1, 0.37]]), group=2)
+    assert out[0, 2] == torch.tensor(0.37)
+    assert fake_quantize_activations(torch.zeros(2, 3)).abs().sum() == 0  # eps keeps the scale finite
+
+
+def test_activation_error_bound_is_per_token_group():
+    torch.manual_seed(0)
+    x = torch.randn(5, 7, 300)
+    x[1, 2, 10] = 100.0  # one outlier: only its token's first group gets a coarse scale
+    x[1, 2, 11] = x[1, 2, 140] = x[2, 2, 11] = 1e-4
+    back = fake_quantize_activations(x)
+    assert back.shape == x.shape and back.dtype == x.dtype
+    groups = torch.nn.functional.pad(x, (0, 84)).view(5, 7, 3, 128)
+    scale = (groups.abs().amax(-1, keepdim=True) / FP8_MAX).expand(-1, -1, -1, 128).reshape(5, 7, 384)[..., :300]
+    assert ((back - x).abs() <= x.abs() * 2 ** -4 + scale * 2 ** -10 + 1e-12).all()
+    # 1e-4 / (100 / 448) is below e4m3's smallest subnormal (2^-9): flushed to 0 next to the outlier only
+    assert back[1, 2, 11] == 0 and back[1, 2, 140] != 0 and back[2, 2, 11] != 0
+
+
+def test_w8a8_hooks_round_only_the_linear_inputs():
+    config = transformers.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        exact = model(ids).logits
+        handles = emulate_w8a8(model, group=16)
+        assert len(handles) == 2 * 7
+        up = model.model.layers[1].mlp.up_proj
+        h = torch.randn(3, 32)
+        torch.testing.assert_close(up(h), torch.nn.functional.linear(fake_quantize_activations(h, 16), up.weight))
+        emulated = model(ids).logits
+        assert 0 < (emulated - exact).abs().max() < 0.1
+        for handle in handles:
+            handle.remove()
+        assert torch.equal(model(ids).logits, exact)
