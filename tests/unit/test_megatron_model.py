@@ -129,3 +129,20 @@ def test_cpu_config_is_fp32_without_fusions():
     assert not cfg.gradient_accumulation_fusion and not cfg.masked_softmax_fusion
     assert cfg.recompute_granularity == "full" and cfg.recompute_num_layers == 2
     assert cfg.gated_linear_unit and cfg.normalization == "RMSNorm" and not cfg.add_bias_linear
+
+
+@pytest.mark.parametrize("recipe, fp8", [("delayed", "hybrid"), ("tensorwise", "hybrid"), ("blockwise", "e4m3")])
+def test_fp8_recipes_are_megatron_recipes(recipe, fp8, monkeypatch):
+    """The GPU config for each model.fp8 value is one megatron-core accepts (TE itself is faked as importable:
+    its kernels are exercised by tests/gpu/test_te_fp8.py where a GPU has it)."""
+    from megatron.core.enums import Fp8Recipe
+    from megatron_rence.megatron import model as model_module
+
+    monkeypatch.setattr(model_module, "te_available", lambda: True)
+    cfg = ModelConfig(dtype="bf16", fp8=recipe, **{k: v for k, v in COMMON.items() if k != "dtype"})
+    config = transformer_config(cfg, ParallelConfig(), use_cuda=True)
+    assert config.fp8 == fp8 and Fp8Recipe(config.fp8_recipe) == Fp8Recipe(recipe)
+    assert config.bf16 and config.params_dtype == torch.bfloat16
+    monkeypatch.setattr(model_module, "te_available", lambda: False)
+    with pytest.raises(ValueError, match=f"model.fp8='{recipe}' needs Transformer Engine"):
+        transformer_config(cfg, ParallelConfig(), use_cuda=True)
