@@ -7,6 +7,7 @@ The returned chunks are bare ``GPTModel`` modules: DDP wrapping belongs to the o
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +60,9 @@ def transformer_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, use
     if use_cuda and m.fp8 is not None:
         if not te_available():
             raise ValueError(f"model.fp8={m.fp8!r} needs Transformer Engine, which does not import here")
+        problem = fp8_unsupported(m.fp8)
+        if problem:
+            raise ValueError(f"model.fp8={m.fp8!r}: {problem}")
         fields["fp8"], fields["fp8_recipe"] = FP8_RECIPES[m.fp8]
     if not use_cuda:
         if m.fp8 is not None:
@@ -86,6 +90,31 @@ def te_available() -> bool:
     except Exception:  # ImportError, or TE built for another CUDA / torch
         return False
     return True
+
+
+# model.fp8 -> the first Transformer Engine release megatron-core builds that recipe with (fp8_utils.get_fp8_recipe)
+FP8_MIN_TE = {"delayed": "2.1.0", "tensorwise": "2.2.0.dev0", "blockwise": "2.3.0.dev0"}
+
+
+def fp8_unsupported(recipe: str) -> Optional[str]:
+    """Why the installed Transformer Engine or this GPU cannot train with `recipe` (None if it can): checked
+    when the model is built, instead of failing at the first forward."""
+    import transformer_engine
+    import transformer_engine.pytorch as te
+    from packaging.version import Version
+
+    version = Version(transformer_engine.__version__.split("+")[0])
+    if version < Version(FP8_MIN_TE[recipe]):
+        return f"needs Transformer Engine >= {FP8_MIN_TE[recipe]}, installed {transformer_engine.__version__}"
+    public = "is_fp8_block_scaling_available" if recipe == "blockwise" else "is_fp8_available"
+    legacy = "check_fp8_block_scaling_support" if recipe == "blockwise" else "check_fp8_support"
+    if hasattr(te, public):  # TE >= 2.8
+        ok, reason = getattr(te, public)(return_reason=True)
+    else:
+        from transformer_engine.pytorch import fp8 as te_fp8
+
+        ok, reason = getattr(te_fp8, legacy)()
+    return None if ok else f"this GPU / CUDA cannot run it ({reason})"
 
 
 def layer_spec(model_cfg: ModelConfig, config, use_cuda: bool, vp_stage):

@@ -90,25 +90,13 @@ def test_thd_packing_matches_padded(gpu_state):
     torch.testing.assert_close(thd, padded, rtol=2e-2, atol=0.5)  # bf16 kernels differ between layouts
 
 
-def _fp8_available(recipe: str) -> tuple[bool, str]:
-    try:
-        from transformer_engine.pytorch import fp8
-    except ImportError as e:
-        return False, str(e)
-    ok, reason = fp8.check_fp8_support()
-    if ok and recipe == "blockwise":
-        check = getattr(fp8, "check_fp8_block_scaling_support", None)
-        if check is None:
-            return False, "this Transformer Engine has no blockwise FP8"
-        ok, reason = check()
-    return ok, reason
-
-
 @pytest.mark.parametrize("recipe", ["delayed", "tensorwise", "blockwise"])
 def test_fp8_recipes_train_close_to_bf16(gpu_state, recipe):
-    ok, reason = _fp8_available(recipe)
-    if not ok:
-        pytest.skip(f"FP8 {recipe}: {reason}")
+    from megatron_rence.megatron.model import fp8_unsupported
+
+    problem = fp8_unsupported(recipe)
+    if problem:
+        pytest.skip(f"FP8 {recipe}: {problem}")
     seqs = _sequences()
     batch = packing.pad_batch(seqs, pad_id=0, multiple=packing.pad_multiple(
         fp8_align=packing.fp8_align_for(recipe), rows=len(seqs)))

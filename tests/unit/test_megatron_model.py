@@ -3,6 +3,10 @@
 The Megatron -> HF weight layout here is a small test-side mapping (the product's mapping lives in
 weights/mapping); it encodes DESIGN.md's layout facts: QKV interleaved per query group, fc1 = [gate; up].
 """
+import sys
+import types
+from typing import Optional
+
 import pytest
 import torch
 import transformers
@@ -131,13 +135,31 @@ def test_cpu_config_is_fp32_without_fusions():
     assert cfg.gated_linear_unit and cfg.normalization == "RMSNorm" and not cfg.add_bias_linear
 
 
+def fake_te(monkeypatch, version: str, public: Optional[dict] = None, legacy: Optional[dict] = None) -> None:
+    """Stand-in Transformer Engine modules (the real one needs CUDA): `public` = {name: (ok, reason)} for the
+    TE >= 2.8 `transformer_engine.pytorch.is_*_available`, `legacy` the same for `pytorch.fp8.check_*`."""
+    te = types.ModuleType("transformer_engine")
+    te.__version__ = version
+    te_pt = types.ModuleType("transformer_engine.pytorch")
+    for name, answer in (public or {}).items():
+        setattr(te_pt, name, lambda return_reason=False, answer=answer: answer)
+    te_fp8 = types.ModuleType("transformer_engine.pytorch.fp8")
+    for name, answer in (legacy or {}).items():
+        setattr(te_fp8, name, lambda answer=answer: answer)
+    te.pytorch, te_pt.fp8 = te_pt, te_fp8
+    for name, module in (("transformer_engine", te), ("transformer_engine.pytorch", te_pt),
+                         ("transformer_engine.pytorch.fp8", te_fp8)):
+        monkeypatch.setitem(sys.modules, name, module)
+
+
 @pytest.mark.parametrize("recipe, fp8", [("delayed", "hybrid"), ("tensorwise", "hybrid"), ("blockwise", "e4m3")])
 def test_fp8_recipes_are_megatron_recipes(recipe, fp8, monkeypatch):
-    """The GPU config for each model.fp8 value is one megatron-core accepts (TE itself is faked as importable:
-    its kernels are exercised by tests/gpu/test_te_fp8.py where a GPU has it)."""
+    """The GPU config for each model.fp8 value is one megatron-core accepts."""
     from megatron.core.enums import Fp8Recipe
     from megatron_rence.megatron import model as model_module
 
+    fake_te(monkeypatch, "2.9.0+abc", public={"is_fp8_available": (True, ""),
+                                              "is_fp8_block_scaling_available": (True, "")})
     monkeypatch.setattr(model_module, "te_available", lambda: True)
     cfg = ModelConfig(dtype="bf16", fp8=recipe, **{k: v for k, v in COMMON.items() if k != "dtype"})
     config = transformer_config(cfg, ParallelConfig(), use_cuda=True)
@@ -145,4 +167,25 @@ def test_fp8_recipes_are_megatron_recipes(recipe, fp8, monkeypatch):
     assert config.bf16 and config.params_dtype == torch.bfloat16
     monkeypatch.setattr(model_module, "te_available", lambda: False)
     with pytest.raises(ValueError, match=f"model.fp8='{recipe}' needs Transformer Engine"):
+        transformer_config(cfg, ParallelConfig(), use_cuda=True)
+
+
+def test_fp8_support_is_checked_when_the_model_is_built(monkeypatch):
+    from megatron_rence.megatron import model as model_module
+    from megatron_rence.megatron.model import fp8_unsupported
+
+    fake_te(monkeypatch, "2.2.0+git", legacy={"check_fp8_support": (True, "")})
+    assert fp8_unsupported("delayed") is None and fp8_unsupported("tensorwise") is None
+    assert fp8_unsupported("blockwise") == "needs Transformer Engine >= 2.3.0.dev0, installed 2.2.0+git"
+    fake_te(monkeypatch, "2.3.0.dev0+nv", legacy={"check_fp8_support": (True, ""),
+                                                  "check_fp8_block_scaling_support": (False, "CUDA < 12.9")})
+    assert fp8_unsupported("delayed") is None
+    assert fp8_unsupported("blockwise") == "this GPU / CUDA cannot run it (CUDA < 12.9)"
+    fake_te(monkeypatch, "2.9.0", public={"is_fp8_available": (False, "Device compute capability 8.9 or higher "
+                                                                     "required for FP8 execution."),
+                                          "is_fp8_block_scaling_available": (False, "sm90 only")})
+    assert "compute capability 8.9" in fp8_unsupported("tensorwise")
+    monkeypatch.setattr(model_module, "te_available", lambda: True)
+    cfg = ModelConfig(dtype="bf16", fp8="blockwise", **{k: v for k, v in COMMON.items() if k != "dtype"})
+    with pytest.raises(ValueError, match=r"model.fp8='blockwise': this GPU / CUDA cannot run it \(sm90 only\)"):
         transformer_config(cfg, ParallelConfig(), use_cuda=True)
