@@ -1,6 +1,7 @@
 # megatron-rence on NVIDIA's PyTorch container: Python 3.12, PyTorch 2.8.0a0 (NVIDIA build), CUDA 12.9,
 # Transformer Engine and apex come with the base image; this adds SGLang (colocated rollouts), megatron-core,
-# nvidia-modelopt (FP8 serving), math-verify and the project, every version pinned.
+# math-verify and the project, every version pinned. (FP8 rollout weights need no extra package: the sync
+# stream quantises them itself, megatron_rence/weights/quantize.py.)
 #
 #   docker build -t <registry>/megatron-rence:0.1.0 .
 #   docker push <registry>/megatron-rence:0.1.0
@@ -23,8 +24,8 @@ RUN pip install --no-deps sglang==0.5.5.post3
 COPY docker/requirements-sglang.txt /tmp/requirements-sglang.txt
 RUN pip install -r /tmp/requirements-sglang.txt
 
-# 3. The trainer side: megatron-core (the version CI tests on CPU), modelopt for FP8 weights, the verifier.
-RUN pip install megatron-core==0.16.1 nvidia-modelopt==0.39.0 "math-verify[antlr4_13_2]==0.9.0"
+# 3. The trainer side: megatron-core (the version CI tests on CPU) and the verifier.
+RUN pip install megatron-core==0.16.1 "math-verify[antlr4_13_2]==0.9.0"
 
 # 4. The project (editable, so a checkout mounted over /opt/megatron-rence runs as is); its dependencies
 #    are all installed above or by the image.
@@ -37,6 +38,6 @@ RUN pip install --no-deps -e /opt/megatron-rence
 
 # Fail the build, not the first job, when an import is broken.
 RUN python -c "import torch, transformer_engine, apex, megatron.core, sglang, sgl_kernel, flashinfer, \
-math_verify, modelopt, megatron_rence; print('torch', torch.__version__, 'sglang', sglang.__version__)"
+math_verify, megatron_rence; print('torch', torch.__version__, 'sglang', sglang.__version__)"
 
 WORKDIR /opt/megatron-rence

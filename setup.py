@@ -21,7 +21,7 @@ setup(
         "psutil",  # megatron dist_checkpointing torch_dist writer
     ],
     extras_require={
-        "gpu": ["sglang>=0.5", "transformer-engine[pytorch]>=2.0", "nvidia-modelopt>=0.27"],
+        "gpu": ["sglang>=0.5", "transformer-engine[pytorch]>=2.1"],
         "test": ["pytest>=8"],
         "parquet": ["pyarrow>=14"],
         "plot": ["matplotlib>=3.7"],
