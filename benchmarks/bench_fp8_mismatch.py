@@ -34,10 +34,12 @@ def load_model(args):
     import transformers
 
     if args.hf_path:
-        return transformers.AutoModelForCausalLM.from_pretrained(args.hf_path, dtype=DTYPES[args.dtype])
-    torch.manual_seed(args.seed)
-    config = transformers.Qwen2Config(**SHAPES[args.shape], max_position_embeddings=4096)
-    return transformers.AutoModelForCausalLM.from_config(config, dtype=DTYPES[args.dtype])
+        model = transformers.AutoModelForCausalLM.from_pretrained(args.hf_path)
+    else:
+        torch.manual_seed(args.seed)
+        config = transformers.Qwen2Config(**SHAPES[args.shape], max_position_embeddings=4096)
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    return model.to(DTYPES[args.dtype])  # (transformers 4.x names the loading dtype argument differently)
 
 
 def round_linear_weights(model) -> int:

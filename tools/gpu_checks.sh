@@ -7,7 +7,8 @@
 #
 # `run` installs the carried wheels into /tmp/site, then runs, each with its own time limit and its log in
 # $OUT: the gpu-marked tests, the log-prob benchmark, the train-step benchmark (1B, 7B with full
-# recompute), and the weight-sync benchmark. Tests that need TE or SGLang skip themselves and say so.
+# recompute), the weight-sync benchmark and the FP8 rollout mismatch (w8 / w8a8) in bf16. Tests that need
+# TE or SGLang skip themselves and say so.
 # Written without a GPU to try it on: expect to adjust it in the first session that has one.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -36,7 +37,9 @@ run)
   step bench_logprobs 60 python3 benchmarks/bench_logprobs.py --device cuda --tokens 4096 16384 --vocab 151936
   step bench_train_1b 90 python3 benchmarks/bench_train_step.py --size 1b --seqs 16 --steps 3
   step bench_train_7b 120 python3 benchmarks/bench_train_step.py --size 7b --seqs 8 --steps 2 --recompute full
-  step bench_weight_sync 60 python3 benchmarks/bench_weight_sync.py --device cuda --tp 1 --dtype bf16 ;;
+  step bench_weight_sync 60 python3 benchmarks/bench_weight_sync.py --device cuda --tp 1 --dtype bf16
+  step bench_fp8_mismatch 60 python3 benchmarks/bench_fp8_mismatch.py --device cuda --dtype bf16 \
+    --shape qwen2.5-0.5b --prompts 16 --new-tokens 128 ;;
 *)
   echo "usage: bash tools/gpu_checks.sh fetch|run" >&2; exit 2 ;;
 esac
