@@ -181,6 +181,11 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     debug_check_sync: bool = False  # after each sync, compare the engine's weights with the trainer's (CPU engine)
     logprobs_micro_batch_size: int = 0  # sequences per forward-only microbatch (old/ref log-probs); 0 = micro_batch_size
+    # the "old" policy of the objectives (PPO ratio of grpo / dapo, NCE noise log-probs of rence): "trainer"
+    # recomputes them with the trainer's weights before the update; "engine" takes the rollout engine's own
+    # log-probs of the sampled tokens (the policy that actually sampled, e.g. with FP8 rollout weights), which
+    # also skips that forward pass (and the mismatch/* metrics, which compare the two)
+    old_logprobs: Literal["trainer", "engine"] = "trainer"
 
 
 @dataclass

@@ -146,13 +146,16 @@ class TrainInputs:
 
     sequences: list[tuple[list[int], int]]
     rewards: torch.Tensor  # [N] shaped rewards of the kept groups
-    old_logprobs: list[torch.Tensor]  # per response token, from the trainer before the update
+    old_logprobs: list[torch.Tensor]  # per response token: the trainer's before the update, or the engine's
     ref_logprobs: Optional[list[torch.Tensor]]
     group_size: int
 
 
 def train_phase(exp: Experience, trainer, ref_trainer, objective, cfg: Config) -> dict:
-    """prepare groups -> old (and ref) log-probs -> mismatch -> optimizer steps over global batches."""
+    """prepare groups -> old (and ref) log-probs -> mismatch -> optimizer steps over global batches.
+
+    With train.old_logprobs=engine the engine's log-probs of the sampled tokens are the old policy: no
+    trainer forward pass for them, and no mismatch/* metrics (nothing to compare them with)."""
     t0 = time.perf_counter()
     prepared = objective.prepare(exp.rewards, exp.lengths, cfg.rollout.max_new_tokens)
     metrics = dict(prepared.metrics)
@@ -165,8 +168,11 @@ def train_phase(exp: Experience, trainer, ref_trainer, objective, cfg: Config) -
         return metrics
     sequences = kept.sequences()
     temperature = cfg.rollout.temperature
-    old = trainer.logprobs(sequences, temperature)
-    metrics.update(mismatch_metrics(kept.rollout_logprobs(), old))
+    if cfg.train.old_logprobs == "engine":
+        old = kept.rollout_logprobs()
+    else:
+        old = trainer.logprobs(sequences, temperature)
+        metrics.update(mismatch_metrics(kept.rollout_logprobs(), old))
     ref = ref_trainer.logprobs(sequences, temperature) if ref_trainer is not None else None
     inputs = TrainInputs(sequences, prepared.rewards[prepared.keep].reshape(-1), old, ref, kept.group_size)
     for key, value in _optimizer_steps(inputs, prepared, objective, trainer, cfg).items():

@@ -1,6 +1,7 @@
 """Step glue (phases.py): which ranks serve which engine and receive weights; an engine that restarted with
 dummy weights makes the rollout phase ask for a re-sync instead of returning its samples."""
 import pytest
+import torch
 
 from megatron_rence.config import Config
 from megatron_rence.data.prompts import Prompt
@@ -53,3 +54,45 @@ def test_rollout_phase_grades_and_restart_asks_for_resync():
     assert [len(c) for c in exp.completions] == [2, 2, 2]
     exp, metrics = rollout_phase(prompts, FakeEngine(True), FakePool(), params, 2, 0, 1, 0.5)
     assert exp is None and metrics == {"engine/restarts": 1.0}
+
+
+class AlternatingEngine:
+    """Sample j of every prompt answers "1" when j is even, "0" when odd; log-probs -0.1, -0.2 per token."""
+
+    def generate(self, prompts, params, n):
+        return [[Completion([5, 2], [-0.1, -0.2], "stop", 0, str(1 - j % 2)) for j in range(n)] for _ in prompts]
+
+
+class RecordingTrainer:
+    """Test double for the Trainer: old log-probs -0.5 per token; records what train_step receives."""
+
+    def __init__(self):
+        self.logprob_calls, self.old = 0, []
+
+    def logprobs(self, sequences, temperature):
+        self.logprob_calls += 1
+        return [torch.full((len(t) - p,), -0.5) for t, p in sequences]
+
+    def train_step(self, sequences, objective, rewards, old_logprobs, ref_logprobs, group_size, normalizer):
+        self.old.append(old_logprobs)
+        return {"loss/total": 1.0}
+
+
+@pytest.mark.parametrize("source", ["trainer", "engine"])
+def test_old_logprobs_come_from_the_trainer_or_the_engine(source):
+    from megatron_rence.objectives import get_objective
+    from megatron_rence.phases import train_phase
+
+    cfg = Config()
+    cfg.train.old_logprobs = source
+    prompts = [Prompt(str(i), f"{i}+0=", [3, 4], "1") for i in range(2)]
+    exp, _ = rollout_phase(prompts, AlternatingEngine(), FakePool(), SamplingParams(max_new_tokens=2), 4, 0, 1, 0.5)
+    trainer = RecordingTrainer()
+    metrics = train_phase(exp, trainer, None, get_objective(cfg.objective), cfg)
+    assert metrics["train/skipped"] == 0.0 and len(trainer.old) == 1 and len(trainer.old[0]) == 8
+    if source == "engine":
+        assert trainer.logprob_calls == 0 and "mismatch/abs_mean" not in metrics
+        assert all(v.tolist() == pytest.approx([-0.1, -0.2]) for v in trainer.old[0])
+    else:
+        assert trainer.logprob_calls == 1 and metrics["mismatch/abs_mean"] == pytest.approx(0.35)  # |.4|, |.3|
+        assert all(v.tolist() == [-0.5, -0.5] for v in trainer.old[0])
