@@ -62,6 +62,18 @@ def test_few_steps_write_metrics_checkpoint_and_keep_engine_in_sync(tmp_path):
     assert latest.endswith("0000003") and (ckpts / latest).is_dir()
 
 
+def test_fp8_rollouts_with_the_engines_old_logprobs(tmp_path):
+    """FP8 rollout weights (CPU engine: W8A8 emulation) with the engine's log-probs as the old policy."""
+    run_dir = tmp_path / "run"
+    _train(run_dir, "train.num_steps=3", "rollout.sglang.fp8_weights=true", "train.old_logprobs=engine",
+           "train.debug_check_sync=true")
+    records = _metrics(run_dir)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(r["sync/max_abs_diff"] == 0.0 for r in records)  # the engine holds the FP8-rounded weights
+    assert not any(key.startswith("mismatch/") for r in records for key in r)  # no trainer pass to compare
+    assert max(r.get("train/weights_changed", 0.0) for r in records) > 0.0
+
+
 def test_sigterm_then_resume_matches_uninterrupted_run(tmp_path):
     steps = 40  # enough that SIGTERM, sent once step 2 is logged, lands mid-run
     full = tmp_path / "full"
