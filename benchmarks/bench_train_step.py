@@ -1,6 +1,6 @@
 """Training throughput of one ReNCE optimizer step through the megatron Trainer: tokens/s and (GPU) MFU.
 
-    python benchmarks/bench_train_step.py [--size 1b|7b|tiny|small] [--seqs 32] [--prompt-len 256]
+    python benchmarks/bench_train_step.py [--size 1b|3b|7b|tiny|small] [--seqs 32] [--prompt-len 256]
                                           [--response-len 768] [--steps 3] [--micro-batch 8]
 
 A random-weight Llama-architecture model at TP=1 (world of one) trains on random token sequences split
@@ -21,9 +21,11 @@ import torch
 SIZES = {  # layers, hidden, ffn, heads, kv groups, vocab
     "tiny": (2, 256, 1024, 4, 2, 32000),
     "small": (8, 768, 3072, 12, 4, 32000),
-    "1b": (16, 2048, 8192, 32, 8, 128256),  # Llama-3.2-1B shape
-    "7b": (32, 4096, 14336, 32, 8, 128256),  # Llama-3.1-8B shape
+    "1b": (16, 2048, 8192, 32, 8, 128256),  # Llama-3.2-1B shape (untied embeddings here)
+    "3b": (28, 3072, 8192, 24, 8, 128256),  # Llama-3.2-3B shape (untied: 3.6B)
+    "7b": (32, 4096, 14336, 32, 8, 128256),  # Llama-3.1-8B shape: 8.0B, ~135 GiB of training state at TP=1
 }
+STATE_BYTES_PER_PARAM = 18  # bf16 weight + fp32 grad buffer + fp32 main copy + two fp32 Adam moments
 PEAK_TFLOPS = 989.0
 K = 8
 
@@ -56,6 +58,15 @@ def main(argv=None) -> None:
 
     layers, hidden, ffn, heads, groups, vocab = SIZES[args.size]
     cuda = torch.cuda.is_available()
+    if cuda:  # weights, gradients and Adam state alone must fit one device at TP=1
+        head_dim = hidden // heads
+        params = layers * (hidden * (hidden + 2 * groups * head_dim) + hidden * hidden + 3 * hidden * ffn) \
+            + 2 * vocab * hidden
+        need, have = params * STATE_BYTES_PER_PARAM / 2**30, torch.cuda.get_device_properties(0).total_memory / 2**30
+        if need > 0.9 * have:
+            raise SystemExit(f"--size {args.size}: {params / 1e9:.1f}B parameters need ~{need:.0f} GiB of weights, "
+                             f"gradients and Adam state at TP=1, more than this GPU's {have:.0f} GiB allows; "
+                             f"pick a smaller --size (TP > 1 is not in this benchmark)")
     cfg = Config()
     cfg.model = ModelConfig(num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn, num_attention_heads=heads,
                             num_query_groups=groups, max_position_embeddings=args.prompt_len + args.response_len,

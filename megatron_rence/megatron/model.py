@@ -79,7 +79,7 @@ class LocalRMSNorm(torch.nn.RMSNorm):
     parallelism, marking its weight `sequence_parallel` so finalize_model_grads sums its grad over TP."""
 
     def __init__(self, config, hidden_size: int, eps: float = 1e-5, **unused):
-        super().__init__(hidden_size, eps=eps)
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)  # bf16 on a GPU without TE
         self.weight.sequence_parallel = config.sequence_parallel
 
 

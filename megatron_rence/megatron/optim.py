@@ -100,6 +100,14 @@ def build_optimizer(optim_cfg: OptimConfig, model_cfg: ModelConfig, parallel_cfg
     return get_megatron_optimizer(config, ddp_chunks)
 
 
+def attach_loss_scale(transformer_config, optimizer) -> None:
+    """fp16: the schedule multiplies each microbatch's loss by the optimizer's dynamic loss scale, which
+    the optimizer divides out of the gradients again (without it fp16 gradients reach Adam 2^32 times too
+    small). bf16 / fp32 have no scaler (megatron's FP32 optimizer keeps its unit scale on CUDA only)."""
+    if transformer_config.fp16:
+        transformer_config.grad_scale_func = optimizer.scale_loss
+
+
 def build_scheduler(optim_cfg: OptimConfig, optimizer, decay_steps: int):
     """megatron's OptimizerParamScheduler, advanced to step 1 so the first optimizer step uses `lr_at(.., 1, ..)`.
 

@@ -152,6 +152,7 @@ class Trainer:
 
         self.config.finalize_model_grads_func = finalize
         self.optimizer = optim.build_optimizer(cfg.optim, cfg.model, cfg.parallel, self.model)
+        optim.attach_loss_scale(self.config, self.optimizer)
         self.scheduler = optim.build_scheduler(cfg.optim, self.optimizer, self.decay_steps(cfg))
 
     @staticmethod
@@ -340,8 +341,10 @@ class Trainer:
 
     @torch.no_grad()
     def _fingerprints(self) -> torch.Tensor:
-        """[num local parameter tensors, 2] float64 (sum, sum of squares): cheap evidence that weights changed."""
-        rows = [torch.stack([p.detach().double().sum(), p.detach().double().square().sum()])
+        """[num local parameter tensors, 2] float64 (sum, L2 norm), reduced without a float64 copy of the
+        weights: cheap evidence that weights changed."""
+        rows = [torch.stack([p.detach().sum(dtype=torch.float64),
+                             torch.linalg.vector_norm(p.detach(), dtype=torch.float64)])
                 for chunk in self.model_chunks for p in chunk.parameters()]
         return torch.stack(rows).cpu() if rows else torch.zeros(0, 2, dtype=torch.float64)
 

@@ -4,8 +4,8 @@ Written against SGLang 0.5.5.post3 (the Dockerfile's pin; read from its wheel, p
 entrypoints/engine.py (`Engine`: each sync method runs `loop.run_until_complete(tokenizer_manager.X(obj, None))`),
 managers/io_struct.py (`GenerateReqInput`, `UpdateWeightsFromTensorReqInput(..., weight_version)`,
 `Release/ResumeMemoryOccupationReqInput(tags)`), constants.py (tags "weights", "kv_cache", "cuda_graph"),
-managers/scheduler_update_weights_mixin.py (release flushes nothing itself; resume pops tags, so only
-released tags may be resumed), layers/sampler.py (returned log-probs are log_softmax(logits / T)).
+managers/scheduler_update_weights_mixin.py (releasing kv_cache flushes the cache; resume pops tags, so
+only released tags may be resumed), layers/sampler.py (returned log-probs are log_softmax(logits / T)).
 `Engine.update_weights_from_tensor` has no `weight_version` argument at this version, so we send the
 request object ourselves, exactly as that method does, which also lets every call be guarded:
 
@@ -70,7 +70,9 @@ def row_seed(seed: int, row: int) -> int:
 
 def sampling_dicts(params: SamplingParams, num_rows: int) -> list[dict]:
     """SGLang's per-request `sampling_params` (sglang.srt.sampling.sampling_params.SamplingParams kwargs)."""
-    base = dict(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+    # SGLang disables top-k with -1 only (its verify() rejects 0); ours disables it with any value <= 0
+    top_k = params.top_k if params.top_k > 0 else -1
+    base = dict(temperature=params.temperature, top_p=params.top_p, top_k=top_k,
                 max_new_tokens=params.max_new_tokens, stop=list(params.stop) or None)
     if params.seed is None:
         return [dict(base) for _ in range(num_rows)]

@@ -14,7 +14,8 @@ class SamplingParams:
     `temperature == 0` means greedy decoding (log-probs are then those of the unscaled logits).
     `top_k <= 0` and `top_p == 1` disable those filters. `stop` strings end a completion (the matched
     string is cut from `Completion.text`; the token that completed it stays in `token_ids`). `seed`
-    makes sampling reproducible on engines that support it (both of ours).
+    makes sampling reproducible on the CPU engine; SGLang honours its per-request seeds only when started
+    with `enable_deterministic_inference` (rollout.sglang.extra_args), otherwise it samples freely.
     """
 
     temperature: float = 1.0

@@ -189,3 +189,12 @@ def test_fp8_support_is_checked_when_the_model_is_built(monkeypatch):
     cfg = ModelConfig(dtype="bf16", fp8="blockwise", **{k: v for k, v in COMMON.items() if k != "dtype"})
     with pytest.raises(ValueError, match=r"model.fp8='blockwise': this GPU / CUDA cannot run it \(sm90 only\)"):
         transformer_config(cfg, ParallelConfig(), use_cuda=True)
+
+
+def test_local_norm_takes_the_params_dtype():
+    """A GPU without TE builds the local spec in bf16: its norms too (megatron's own modules follow
+    params_dtype; torch.nn.RMSNorm would default to fp32)."""
+    from megatron_rence.megatron.model import LocalRMSNorm
+
+    norm = LocalRMSNorm(types.SimpleNamespace(params_dtype=torch.bfloat16, sequence_parallel=True), 8, eps=1e-6)
+    assert norm.weight.dtype == torch.bfloat16 and norm.weight.sequence_parallel and norm.eps == 1e-6

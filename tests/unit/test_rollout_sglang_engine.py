@@ -165,6 +165,8 @@ def test_sampling_dicts():
     assert sampling_dicts(params, 3) == rows
     assert "sampling_seed" not in sampling_dicts(SamplingParams(), 1)[0]
     assert sampling_dicts(SamplingParams(), 1)[0]["stop"] is None
+    # ours disables top-k with any value <= 0, SGLang only with -1 (it rejects 0)
+    assert [sampling_dicts(SamplingParams(top_k=k), 1)[0]["top_k"] for k in (0, -1, 7)] == [-1, -1, 7]
 
 
 def test_sampling_dicts_are_valid_sglang_sampling_params():

@@ -169,6 +169,16 @@ def test_batch_width_pads_for_splits_and_fp8():
         batch_width(cfg, 5000, [8])
 
 
+def test_fp16_attaches_the_optimizers_loss_scale():
+    scaled = SimpleNamespace(scale_loss=lambda loss: loss * 2.0**16)
+    config = SimpleNamespace(fp16=True, grad_scale_func=None)
+    optim.attach_loss_scale(config, scaled)
+    assert config.grad_scale_func is scaled.scale_loss
+    config = SimpleNamespace(fp16=False, grad_scale_func=None)  # bf16 / fp32: no scaler
+    optim.attach_loss_scale(config, scaled)
+    assert config.grad_scale_func is None
+
+
 def test_input_errors_name_the_key(pstate):
     seqs, rewards, _ = batch(2)
     t = trainer(make_cfg(K + 2), pstate)
