@@ -141,6 +141,9 @@ class ObjectiveConfig:
     overlong_buffer: int = 0  # overlong shaping: tokens before max_new_tokens where the penalty ramps (0 = off)
     overlong_penalty: float = 1.0
     normalize_std: bool = True  # divide advantages by the group std
+    # truncated importance sampling (grpo / dapo): each token's policy-gradient term times
+    # min(pi_old / pi_rollout, tis_cap), pi_rollout = the engine's log-probs (e.g. FP8 rollouts); None = off
+    tis_cap: Optional[float] = None
     # online DPO
     max_pairs_per_group: int = 1  # 0 = all |P|*|N| pairs
     ref_update_every: int = 0  # semi-online DPO: refresh the reference every s steps (0 = never)
@@ -306,6 +309,16 @@ def validate(cfg: Config, source: str = "<recipe>") -> None:
         fail("rollout.num_samples", "online_dpo needs at least 2 samples per prompt to form pairs")
     if o.overlong_buffer >= r.max_new_tokens and o.overlong_buffer > 0:
         fail("objective.overlong_buffer", f"{o.overlong_buffer} must be < rollout.max_new_tokens={r.max_new_tokens}")
+    if o.tis_cap is not None:
+        if o.name not in ("grpo", "dapo"):
+            fail("objective.tis_cap", f"truncated importance sampling weights the policy-gradient loss of grpo / "
+                 f"dapo; objective.name={o.name} has none (for rence, train.old_logprobs=engine makes the "
+                 f"engine the NCE noise distribution)")
+        if o.tis_cap <= 0:
+            fail("objective.tis_cap", f"must be > 0, got {o.tis_cap}")
+        if t.old_logprobs == "engine":
+            fail("objective.tis_cap", "with train.old_logprobs=engine the old policy is the engine's: "
+                 "every weight would be 1 (unset one of the two)")
     if m.fp8 is not None and m.dtype == "fp32":
         fail("model.fp8", "FP8 training needs model.dtype bf16")
     if cfg.data.source == "file" and not cfg.data.train_path:

@@ -149,6 +149,7 @@ class TrainInputs:
     old_logprobs: list[torch.Tensor]  # per response token: the trainer's before the update, or the engine's
     ref_logprobs: Optional[list[torch.Tensor]]
     group_size: int
+    rollout_logprobs: Optional[list[torch.Tensor]] = None  # the engine's, for objective.tis_cap
 
 
 def train_phase(exp: Experience, trainer, ref_trainer, objective, cfg: Config) -> dict:
@@ -174,7 +175,8 @@ def train_phase(exp: Experience, trainer, ref_trainer, objective, cfg: Config) -
         old = trainer.logprobs(sequences, temperature)
         metrics.update(mismatch_metrics(kept.rollout_logprobs(), old))
     ref = ref_trainer.logprobs(sequences, temperature) if ref_trainer is not None else None
-    inputs = TrainInputs(sequences, prepared.rewards[prepared.keep].reshape(-1), old, ref, kept.group_size)
+    rollout = kept.rollout_logprobs() if objective.needs_rollout_logprobs else None
+    inputs = TrainInputs(sequences, prepared.rewards[prepared.keep].reshape(-1), old, ref, kept.group_size, rollout)
     for key, value in _optimizer_steps(inputs, prepared, objective, trainer, cfg).items():
         metrics[key] = value
     metrics["train/skipped"] = 0.0
@@ -197,6 +199,7 @@ def _optimizer_steps(inputs: TrainInputs, prepared, objective, trainer, cfg: Con
             inputs.sequences[rows], objective, rewards=inputs.rewards[rows],
             old_logprobs=inputs.old_logprobs[rows],
             ref_logprobs=inputs.ref_logprobs[rows] if inputs.ref_logprobs is not None else None,
+            rollout_logprobs=inputs.rollout_logprobs[rows] if inputs.rollout_logprobs is not None else None,
             group_size=k, normalizer=normalizer)
         for key, value in step_metrics.items():
             sums[key] = sums.get(key, 0.0) + float(value)

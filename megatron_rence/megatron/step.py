@@ -80,6 +80,7 @@ class Microbatch:
     index: list[int]
     old_logprobs: Optional[torch.Tensor] = None
     ref_logprobs: Optional[torch.Tensor] = None
+    rollout_logprobs: Optional[torch.Tensor] = None
     rewards: Optional[torch.Tensor] = None
 
 
@@ -239,7 +240,8 @@ class Trainer:
         return {k: v for part in parts for k, v in part.items()}
 
     # ------------------------------------------------------------------ training
-    def _check_inputs(self, sequences, objective, rewards, old_logprobs, ref_logprobs, group_size) -> None:
+    def _check_inputs(self, sequences, objective, rewards, old_logprobs, ref_logprobs, rollout_logprobs,
+                      group_size) -> None:
         n = len(sequences)
         if n == 0 or n % group_size:
             raise ValueError(f"train_step: {n} sequences are not whole groups of group_size={group_size}")
@@ -248,7 +250,10 @@ class Trainer:
             raise ValueError(f"train_step: rewards must have shape [{n}], got {tuple(rewards.shape)}")
         if objective.needs_ref and ref_logprobs is None:
             raise ValueError(f"train_step: objective {objective.name} needs ref_logprobs")
-        for name, values in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
+        if objective.needs_rollout_logprobs and rollout_logprobs is None:
+            raise ValueError(f"train_step: objective {objective.name} with objective.tis_cap needs rollout_logprobs")
+        for name, values in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs),
+                             ("rollout_logprobs", rollout_logprobs)):
             if values is None:
                 continue
             if len(values) != n:
@@ -260,16 +265,18 @@ class Trainer:
 
     def train_step(self, sequences: Sequence[Seq], objective, rewards: torch.Tensor,
                    old_logprobs: Sequence[torch.Tensor], ref_logprobs: Optional[Sequence[torch.Tensor]] = None,
-                   group_size: int = 1, normalizer: float = 1.0, temperature: Optional[float] = None) -> dict:
+                   group_size: int = 1, normalizer: float = 1.0, temperature: Optional[float] = None,
+                   rollout_logprobs: Optional[Sequence[torch.Tensor]] = None) -> dict:
         """One optimizer step on whole groups; returns metrics summed over microbatches and DP ranks (all ranks).
 
-        rewards [N] shaped rewards; old_logprobs / ref_logprobs: N tensors of per-response-token log-probs;
+        rewards [N] shaped rewards; old_logprobs / ref_logprobs / rollout_logprobs (the engine's, for
+        objective.tis_cap): N tensors of per-response-token log-probs;
         normalizer: the objective's count of loss units over this step's groups (all DP ranks);
         temperature: of the log-probs (default rollout.temperature, matching old_logprobs).
         """
         assert not self.frozen, "a frozen trainer does not train"
         rewards = torch.as_tensor(rewards, dtype=torch.float32)
-        self._check_inputs(sequences, objective, rewards, old_logprobs, ref_logprobs, group_size)
+        self._check_inputs(sequences, objective, rewards, old_logprobs, ref_logprobs, rollout_logprobs, group_size)
         temperature = self.cfg.rollout.temperature if temperature is None else temperature
         k, mbs = group_size, self.cfg.train.micro_batch_size
         group_plan = plan_microbatches(len(sequences) // k, mbs // k, self.state.dp_size, self.state.dp_rank)
@@ -286,6 +293,9 @@ class Trainer:
             mb.old_logprobs = scatter_response([old_logprobs[i] for i in index], prompt_lens, width).to(dev)
             if ref_logprobs is not None:
                 mb.ref_logprobs = scatter_response([ref_logprobs[i] for i in index], prompt_lens, width).to(dev)
+            if rollout_logprobs is not None:
+                mb.rollout_logprobs = scatter_response([rollout_logprobs[i] for i in index], prompt_lens,
+                                                       width).to(dev)
             mb.rewards = rewards[index].to(dev)
             microbatches.append(mb)
         sums: dict[str, float] = {}
@@ -299,7 +309,9 @@ class Trainer:
                 return token_lp.sum() * 0.0, num_tokens, {}
             n = mb.num_real
             ref = mb.ref_logprobs[:n] if mb.ref_logprobs is not None else None
-            batch = ObjectiveBatch(token_lp[:n], mb.old_logprobs[:n], mb.batch.loss_mask[:n], mb.rewards, k, ref)
+            rollout = mb.rollout_logprobs[:n] if mb.rollout_logprobs is not None else None
+            batch = ObjectiveBatch(token_lp[:n], mb.old_logprobs[:n], mb.batch.loss_mask[:n], mb.rewards, k, ref,
+                                   rollout)
             loss, metrics = objective(batch, normalizer)
             if not loss.requires_grad:  # e.g. no usable group in this microbatch: a zero that backward accepts
                 loss = loss + token_lp.sum() * 0.0

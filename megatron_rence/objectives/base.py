@@ -40,6 +40,7 @@ class ObjectiveBatch:
     rewards [N]: shaped rewards (Prepared.rewards of the kept groups, flattened).
     group_size: K.
     ref_logprobs [N,T] or None: the reference policy (KL penalty, online DPO).
+    rollout_logprobs [N,T] or None: the engine's log-probs of the sampled tokens (objective.tis_cap).
     """
 
     logprobs: torch.Tensor
@@ -48,6 +49,7 @@ class ObjectiveBatch:
     rewards: torch.Tensor
     group_size: int
     ref_logprobs: Optional[torch.Tensor] = None
+    rollout_logprobs: Optional[torch.Tensor] = None
 
     def __post_init__(self):
         n, t = self.logprobs.shape
@@ -56,6 +58,7 @@ class ObjectiveBatch:
         assert self.old_logprobs.shape == (n, t) and self.mask.shape == (n, t), "ObjectiveBatch: shape mismatch"
         assert self.rewards.shape == (n,), f"ObjectiveBatch: rewards must be [N]={n}, got {tuple(self.rewards.shape)}"
         assert self.ref_logprobs is None or self.ref_logprobs.shape == (n, t), "ObjectiveBatch: ref shape"
+        assert self.rollout_logprobs is None or self.rollout_logprobs.shape == (n, t), "ObjectiveBatch: rollout shape"
 
     @property
     def num_groups(self) -> int:
@@ -126,6 +129,7 @@ class Objective(Protocol):
 
     name: str
     needs_ref: bool
+    needs_rollout_logprobs: bool
 
     def prepare(self, rewards: torch.Tensor, lengths: torch.Tensor, max_new_tokens: int) -> Prepared: ...
 
@@ -177,6 +181,11 @@ class ObjectiveBase:
     @property
     def needs_ref(self) -> bool:
         return self.has_kl
+
+    @property
+    def needs_rollout_logprobs(self) -> bool:
+        """Whether batches must carry the engine's log-probs (truncated importance sampling)."""
+        return False
 
     def normalizer(self, prepared: Prepared) -> float:
         """Global count of loss units over the kept groups of `prepared`."""

@@ -14,6 +14,11 @@ max_new_tokens). Every refinement is an option of both presets; only the default
     objective.token_level_loss      false           true
     objective.dynamic_sampling      false           true
     objective.overlong_buffer       0 (off)         0 (off; set it relative to rollout.max_new_tokens)
+    objective.tis_cap               None (off)      None (off)
+Truncated importance sampling (objective.tis_cap = C, as in verl / slime): when the engine samples from a
+slightly different policy than the trainer's pi_old (FP8 rollout weights, other kernels), each token's
+clipped-surrogate term is multiplied by w_it = min(pi_old / pi_rollout, C) (no gradient; the KL term is not
+weighted).
 """
 from __future__ import annotations
 
@@ -42,9 +47,15 @@ class PolicyGradient(ObjectiveBase):
         if self.clip_eps_low < 0 or self.clip_eps_high < 0:
             raise ValueError(f"objective.clip_eps_low / clip_eps_high must be >= 0, "
                              f"got {self.clip_eps_low} / {self.clip_eps_high}")
+        if cfg.tis_cap is not None and cfg.tis_cap <= 0:
+            raise ValueError(f"objective.tis_cap must be > 0, got {cfg.tis_cap}")
         if self.clip_eps_low >= 1:
             raise ValueError(f"objective.clip_eps_low must be < 1 (the lower clip bound is 1 - eps), "
                              f"got {self.clip_eps_low}")
+
+    @property
+    def needs_rollout_logprobs(self) -> bool:
+        return self.cfg.tis_cap is not None
 
     def prepare(self, rewards: torch.Tensor, lengths: torch.Tensor, max_new_tokens: int) -> Prepared:
         """Overlong shaping (if overlong_buffer > 0); dynamic sampling drops zero-variance groups."""
@@ -73,6 +84,9 @@ class PolicyGradient(ObjectiveBase):
         clipped_ratio = ratio.clamp(1.0 - self.clip_eps_low, 1.0 + self.clip_eps_high)
         per_token = batch.masked(-torch.min(ratio * adv, clipped_ratio * adv))
         mask = batch.token_mask()
+        tis = self._tis_weights(batch) if self.cfg.tis_cap is not None else None
+        if tis is not None:
+            per_token = per_token * tis[0]
         clipped = mask & (((ratio < 1.0 - self.clip_eps_low) & (adv < 0))
                           | ((ratio > 1.0 + self.clip_eps_high) & (adv > 0)))  # tokens whose gradient is cut
         kl_tokens = batch.kl_tokens() if self.has_kl else None
@@ -94,11 +108,23 @@ class PolicyGradient(ObjectiveBase):
                 "objective/num_sequences": float(batch.logprobs.shape[0]),
                 "objective/num_tokens": float(mask.sum().item()),
             }
+            if tis is not None:
+                metrics["objective/tis_weight_mean"] = reduce(batch.masked(tis[0])).item() / normalizer
+                metrics["objective/tis_clip_frac"] = reduce(tis[1].float()).item() / normalizer
             if kl_tokens is not None:
                 kl = reduce(kl_tokens).item() / normalizer
                 metrics["objective/kl"] = kl
                 metrics["loss/kl"] = self.kl.coef * kl
         return loss, metrics
+
+
+    def _tis_weights(self, batch: ObjectiveBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """([N,T] min(pi_old / pi_rollout, tis_cap), 1 off the response; [N,T] bool: tokens that hit the cap)."""
+        if batch.rollout_logprobs is None:
+            raise ValueError("objective.tis_cap: the batch has no rollout_logprobs (the engine's log-probs)")
+        log_w = batch.masked(batch.old_logprobs.float() - batch.rollout_logprobs.float())
+        capped = batch.token_mask() & (log_w > torch.log(torch.tensor(self.cfg.tis_cap)))
+        return torch.exp(log_w).clamp(max=self.cfg.tis_cap).detach(), capped
 
 
 class GRPO(PolicyGradient):

@@ -188,3 +188,15 @@ def test_unreadable_hf_path_keeps_the_recipe_fields(tmp_path):
 def test_debug_check_sync_needs_the_cpu_engine():
     with pytest.raises(ConfigError, match=r"train\.debug_check_sync: .*rollout\.engine=hf"):
         load_recipe(REPO / "recipes/demo_cpu.yaml", ["train.debug_check_sync=true", "rollout.engine=sglang"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["objective.tis_cap=2.0"], r"objective\.tis_cap: truncated importance sampling .* objective\.name=rence"),
+    (["objective.name=grpo", "objective.tis_cap=0"], r"objective\.tis_cap: must be > 0"),
+    (["objective.name=dapo", "objective.tis_cap=2", "train.old_logprobs=engine"],
+     r"objective\.tis_cap: with train\.old_logprobs=engine"),
+])
+def test_tis_cap_combinations(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_recipe(REPO / "recipes/demo_cpu.yaml", overrides)
+    assert load_recipe(REPO / "recipes/demo_cpu.yaml", ["objective.name=grpo", "objective.tis_cap=2"]).objective.tis_cap == 2

@@ -138,3 +138,48 @@ def test_kl_penalty_value():
     assert metrics["objective/kl"] == pytest.approx((1 - math.log(2)) / 2, rel=1e-6)
     loss.backward()  # d k3 / d lp = 1 - exp(ref - lp) = -1 -> 0.1 * (-1) / 2 tokens / 2 sequences
     torch.testing.assert_close(b.logprobs.grad, torch.tensor([[-0.025, -0.025], [0, 0]]))
+
+
+def test_truncated_importance_sampling_weights_by_hand():
+    # GRPO, rewards [1, 0], normalize_std off: A = [+0.5, -0.5], ratio 1, 2 tokens per sequence.
+    # rollout log-probs vs old (0): token weights min(exp(0 - r), C) with C = 2:
+    #   seq 0: r = [-ln 1.5, -ln 4] -> w = [1.5, 2 (capped)];   seq 1: r = [0, ln 2] -> w = [1, 0.5]
+    # per-token terms -A * w: seq 0 [-0.75, -1.0], seq 1 [0.5, 0.25]; sequence means -0.875 and 0.375;
+    # loss = (-0.875 + 0.375) / 2 sequences = -0.25; gradient -A * ratio * w / len / N.
+    lp = torch.zeros(2, 2, requires_grad=True)
+    rollout = torch.tensor([[-math.log(1.5), -math.log(4.0)], [0.0, math.log(2.0)]])
+    b = ObjectiveBatch(lp, torch.zeros(2, 2), torch.ones(2, 2, dtype=torch.bool), torch.tensor([1.0, 0.0]), 2,
+                       rollout_logprobs=rollout)
+    obj = pg(normalize_std=False, tis_cap=2.0)
+    assert obj.needs_rollout_logprobs and not pg().needs_rollout_logprobs
+    loss, metrics = obj(b, 2.0)
+    loss.backward()
+    assert loss.item() == pytest.approx(-0.25, rel=1e-6)
+    torch.testing.assert_close(lp.grad, torch.tensor([[-0.1875, -0.25], [0.125, 0.0625]]))
+    assert metrics["objective/tis_weight_mean"] == pytest.approx((1.75 + 0.75) / 2)  # sequence means / N
+    assert metrics["objective/tis_clip_frac"] == pytest.approx((0.5 + 0.0) / 2)
+    # the engine sampled from the trainer's policy: every weight is 1 and the loss is plain GRPO
+    same = ObjectiveBatch(torch.zeros(2, 2, requires_grad=True), torch.zeros(2, 2), torch.ones(2, 2, dtype=torch.bool),
+                          torch.tensor([1.0, 0.0]), 2, rollout_logprobs=torch.zeros(2, 2))
+    plain = ObjectiveBatch(torch.zeros(2, 2, requires_grad=True), torch.zeros(2, 2), torch.ones(2, 2, dtype=torch.bool),
+                           torch.tensor([1.0, 0.0]), 2)
+    assert obj(same, 2.0)[0].item() == pg(normalize_std=False)(plain, 2.0)[0].item()
+    with pytest.raises(ValueError, match="objective.tis_cap: the batch has no rollout_logprobs"):
+        obj(plain, 2.0)
+    with pytest.raises(ValueError, match="objective.tis_cap must be > 0"):
+        pg(tis_cap=0.0)
+
+
+def test_tis_ignores_junk_off_the_mask():
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    rollout = torch.tensor([[-0.2, 0.1, float("nan")], [0.3, float("inf"), float("-inf")]])
+    clean = torch.where(mask, rollout, torch.zeros(()))
+    results = []
+    for r in (rollout, clean):
+        lp = torch.zeros(2, 3, requires_grad=True)
+        b = ObjectiveBatch(lp, torch.zeros(2, 3), mask, torch.tensor([1.0, 0.0]), 2, rollout_logprobs=r)
+        loss, metrics = pg("dapo", tis_cap=1.1)(b, 3.0)
+        loss.backward()
+        results.append((loss.item(), lp.grad.clone(), metrics["objective/tis_weight_mean"]))
+    assert results[0][0] == results[1][0] and torch.equal(results[0][1], results[1][1])
+    assert results[0][2] == results[1][2] and math.isfinite(results[0][0])

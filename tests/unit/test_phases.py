@@ -67,14 +67,16 @@ class RecordingTrainer:
     """Test double for the Trainer: old log-probs -0.5 per token; records what train_step receives."""
 
     def __init__(self):
-        self.logprob_calls, self.old = 0, []
+        self.logprob_calls, self.old, self.rollout = 0, [], []
 
     def logprobs(self, sequences, temperature):
         self.logprob_calls += 1
         return [torch.full((len(t) - p,), -0.5) for t, p in sequences]
 
-    def train_step(self, sequences, objective, rewards, old_logprobs, ref_logprobs, group_size, normalizer):
+    def train_step(self, sequences, objective, rewards, old_logprobs, ref_logprobs, group_size, normalizer,
+                   rollout_logprobs=None):
         self.old.append(old_logprobs)
+        self.rollout.append(rollout_logprobs)
         return {"loss/total": 1.0}
 
 
@@ -96,3 +98,21 @@ def test_old_logprobs_come_from_the_trainer_or_the_engine(source):
     else:
         assert trainer.logprob_calls == 1 and metrics["mismatch/abs_mean"] == pytest.approx(0.35)  # |.4|, |.3|
         assert all(v.tolist() == [-0.5, -0.5] for v in trainer.old[0])
+
+
+def test_tis_passes_the_engines_logprobs_next_to_the_trainers():
+    from megatron_rence.objectives import get_objective
+    from megatron_rence.phases import train_phase
+
+    cfg = Config()
+    cfg.objective.name, cfg.objective.tis_cap = "grpo", 2.0
+    prompts = [Prompt(str(i), f"{i}+0=", [3, 4], "1") for i in range(2)]
+    exp, _ = rollout_phase(prompts, AlternatingEngine(), FakePool(), SamplingParams(max_new_tokens=2), 4, 0, 1, 0.5)
+    trainer = RecordingTrainer()
+    train_phase(exp, trainer, None, get_objective(cfg.objective), cfg)
+    assert trainer.logprob_calls == 1 and all(v.tolist() == [-0.5, -0.5] for v in trainer.old[0])
+    assert len(trainer.rollout[0]) == 8 and all(v.tolist() == pytest.approx([-0.1, -0.2]) for v in trainer.rollout[0])
+    cfg.objective.tis_cap = None
+    trainer = RecordingTrainer()
+    train_phase(exp, trainer, None, get_objective(cfg.objective), cfg)
+    assert trainer.rollout == [None]

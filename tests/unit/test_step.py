@@ -65,7 +65,7 @@ def perturbed(values, g, scale=0.3):
     return [v + scale * torch.randn(v.shape, generator=g) for v in values]
 
 
-def reference_grads(cfg, source: Trainer, seqs, rewards, old, ref, objective, normalizer):
+def reference_grads(cfg, source: Trainer, seqs, rewards, old, ref, objective, normalizer, rollout=None):
     """Gradient of objective(whole batch, normalizer) by a plain forward/backward of an unwrapped copy."""
     model = build_model(cfg.model, cfg.parallel, VOCAB)[0]
     with torch.no_grad():
@@ -76,7 +76,8 @@ def reference_grads(cfg, source: Trainer, seqs, rewards, old, ref, objective, no
                                              cfg.rollout.temperature, VOCAB)
     width, prompt_lens = whole.tokens.shape[1], [p for _, p in seqs]
     mb = ObjectiveBatch(token_lp, scatter_response(old, prompt_lens, width), whole.loss_mask, rewards, K,
-                        scatter_response(ref, prompt_lens, width) if ref is not None else None)
+                        scatter_response(ref, prompt_lens, width) if ref is not None else None,
+                        scatter_response(rollout, prompt_lens, width) if rollout is not None else None)
     loss, _ = objective(mb, normalizer)
     loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -107,6 +108,35 @@ def test_microbatch_split_gives_the_whole_batch_gradient_and_update(pstate, obje
             # Adam step 1 is ~lr*g/(|g|+eps): entries with |g| near eps amplify rounding (one in ~2000 moved
             # 2e-6 under another thread count); 5e-6 = 0.5% of lr. The gradients above are the exact check.
             torch.testing.assert_close(a, b, rtol=0, atol=5e-6)
+
+
+def test_tis_rollout_logprobs_reach_every_microbatch(pstate):
+    """GRPO with objective.tis_cap: the engine's log-probs are split with the rows, so two microbatches give
+    the whole-batch gradient; without them train_step refuses."""
+    seqs, rewards, g = batch()
+    base = trainer(make_cfg(K, "grpo"), pstate)
+    old = perturbed(base.logprobs(seqs, 0.9), g)
+    ref = perturbed(base.logprobs(seqs, 0.9), g, 0.2)  # make_cfg gives grpo a KL term
+    rollout = perturbed(old, g, 0.5)  # some weights above the cap, some below 1
+    cfg = make_cfg(2 * K, "grpo")
+    cfg.objective.tis_cap = 1.5
+    objective = get_objective(cfg.objective)
+    normalizer = objective.normalizer_for(rewards.reshape(-1, K), [len(v) for v in old])
+    want_loss, want = reference_grads(base.cfg, base, seqs, rewards, old, ref, objective, normalizer, rollout)
+    _, plain = reference_grads(base.cfg, base, seqs, rewards, old, ref, get_objective(make_cfg(K, "grpo").objective),
+                               normalizer)
+    assert any(not torch.allclose(want[n], plain[n]) for n in want)  # the weights matter
+    t = trainer(cfg, pstate, source=base)
+    metrics = t.train_step(seqs, objective, rewards, old, ref, group_size=K, normalizer=normalizer, rollout_logprobs=rollout)
+    assert metrics["loss/total"] == pytest.approx(want_loss, rel=1e-5)
+    assert 0 < metrics["objective/tis_clip_frac"] < 1
+    for name, p in t.model_chunks[0].named_parameters():
+        torch.testing.assert_close(p.main_grad, want[name], rtol=1e-5, atol=1e-7, msg=name)
+    with pytest.raises(ValueError, match="needs rollout_logprobs"):
+        t.train_step(seqs, objective, rewards, old, ref, group_size=K, normalizer=normalizer)
+    with pytest.raises(ValueError, match=r"rollout_logprobs\[0\] has 1 values"):
+        t.train_step(seqs, objective, rewards, old, ref, group_size=K, normalizer=normalizer,
+                     rollout_logprobs=[torch.zeros(1)] + rollout[1:])
 
 
 def test_logprobs_match_the_unwrapped_model(pstate):
