@@ -169,13 +169,14 @@ def train_phase(exp: Experience, trainer, ref_trainer, objective, cfg: Config) -
         return metrics
     sequences = kept.sequences()
     temperature = cfg.rollout.temperature
+    engine_logprobs = kept.rollout_logprobs()
     if cfg.train.old_logprobs == "engine":
-        old = kept.rollout_logprobs()
+        old = engine_logprobs
     else:
         old = trainer.logprobs(sequences, temperature)
-        metrics.update(mismatch_metrics(kept.rollout_logprobs(), old))
+        metrics.update(mismatch_metrics(engine_logprobs, old))
     ref = ref_trainer.logprobs(sequences, temperature) if ref_trainer is not None else None
-    rollout = kept.rollout_logprobs() if objective.needs_rollout_logprobs else None
+    rollout = engine_logprobs if objective.needs_rollout_logprobs else None
     inputs = TrainInputs(sequences, prepared.rewards[prepared.keep].reshape(-1), old, ref, kept.group_size, rollout)
     for key, value in _optimizer_steps(inputs, prepared, objective, trainer, cfg).items():
         metrics[key] = value

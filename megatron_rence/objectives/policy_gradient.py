@@ -22,6 +22,8 @@ weighted).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from megatron_rence.config import ObjectiveConfig
@@ -117,13 +119,12 @@ class PolicyGradient(ObjectiveBase):
                 metrics["loss/kl"] = self.kl.coef * kl
         return loss, metrics
 
-
     def _tis_weights(self, batch: ObjectiveBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """([N,T] min(pi_old / pi_rollout, tis_cap), 1 off the response; [N,T] bool: tokens that hit the cap)."""
         if batch.rollout_logprobs is None:
             raise ValueError("objective.tis_cap: the batch has no rollout_logprobs (the engine's log-probs)")
         log_w = batch.masked(batch.old_logprobs.float() - batch.rollout_logprobs.float())
-        capped = batch.token_mask() & (log_w > torch.log(torch.tensor(self.cfg.tis_cap)))
+        capped = batch.token_mask() & (log_w > math.log(self.cfg.tis_cap))
         return torch.exp(log_w).clamp(max=self.cfg.tis_cap).detach(), capped
 
 

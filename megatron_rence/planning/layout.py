@@ -10,6 +10,7 @@ Errors stop the launch; warnings are printed and do not.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from megatron_rence.config import Config, ConfigError, check_world_size
 from megatron_rence.planning.memory import Hardware
@@ -94,11 +95,21 @@ def _check_engine(cfg: Config, hw: Hardware, err) -> None:
         err(f"rollout.sglang.tp: model.num_attention_heads={m.num_attention_heads} is not divisible by {s.tp}")
     if not 0.0 < s.mem_fraction_static < 1.0:
         err(f"rollout.sglang.mem_fraction_static: must be in (0, 1), got {s.mem_fraction_static}")
-    if s.fp8_weights:
-        for problem in sglang_block_shape_problems(m.hidden_size, m.num_attention_heads, m.num_query_groups,
-                                                   m.head_dim, m.ffn_hidden_size, s.tp):
-            err(f"rollout.sglang.fp8_weights: SGLang's 128x128 block FP8 needs whole blocks per shard: {problem} "
-                f"(at rollout.sglang.tp={s.tp}); serve this model in bf16 (fp8_weights=false)")
+    problem = sglang_fp8_shape_error(m, s.tp) if s.fp8_weights else None
+    if problem:
+        err(problem)
+
+
+def sglang_fp8_shape_error(model_cfg, engine_tp: int) -> Optional[str]:
+    """The error for rollout.sglang.fp8_weights with a model SGLang's block FP8 refuses (None if it loads);
+    the planner and the engine's start (rollout/sglang_engine.py) both report it."""
+    m = model_cfg
+    problems = sglang_block_shape_problems(m.hidden_size, m.num_attention_heads, m.num_query_groups, m.head_dim,
+                                           m.ffn_hidden_size, engine_tp)
+    if not problems:
+        return None
+    return (f"rollout.sglang.fp8_weights: SGLang's 128x128 block FP8 needs whole blocks per shard: "
+            f"{'; '.join(problems)} (at rollout.sglang.tp={engine_tp}); serve this model in bf16 (fp8_weights=false)")
 
 
 def sglang_block_shape_problems(hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,

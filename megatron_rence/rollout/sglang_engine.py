@@ -98,14 +98,11 @@ def parse_output(out: dict, fallback_version: int) -> Completion:
 def check_fp8_shapes(model_cfg, engine_tp: int) -> None:
     """ConfigError before the engine starts if SGLang's block-FP8 layers would refuse the model's shapes."""
     from megatron_rence.config import ConfigError
-    from megatron_rence.planning.layout import sglang_block_shape_problems
+    from megatron_rence.planning.layout import sglang_fp8_shape_error
 
-    m = model_cfg
-    problems = sglang_block_shape_problems(m.hidden_size, m.num_attention_heads, m.num_query_groups, m.head_dim,
-                                           m.ffn_hidden_size, engine_tp)
-    if problems:
-        raise ConfigError(f"rollout.sglang.fp8_weights: SGLang's 128x128 block FP8 needs whole blocks per shard: "
-                          f"{'; '.join(problems)} (at rollout.sglang.tp={engine_tp}); set fp8_weights=false")
+    problem = sglang_fp8_shape_error(model_cfg, engine_tp)
+    if problem:
+        raise ConfigError(problem)
 
 
 def write_model_dir(hf_config, tokenizer, path: Path, fp8: bool) -> Path:
