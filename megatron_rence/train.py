@@ -41,12 +41,18 @@ class Run:
 
 
 class StopFlag:
-    """Set by SIGTERM / SIGUSR1 / SIGINT; the loop checkpoints at the end of the step and exits."""
+    """Set by SIGTERM / SIGUSR1 / SIGINT; the loop checkpoints at the end of the step and exits.
+
+    The signals usually reach every process of the job (Slurm, `kill -- -PGID`): the processes we start
+    ignore them and die with this one (lifecycle.py), so they are still there for the checkpoint."""
 
     def __init__(self):
+        from megatron_rence.lifecycle import STOP_SIGNALS, install_fork_hook
+
         self.signum: Optional[int] = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
+        install_fork_hook()
 
     def _handle(self, signum, frame):
         if self.signum is not None and signum == signal.SIGINT:

@@ -156,6 +156,26 @@ def _layout() -> dict:
             "vpp": ps.get_virtual_pipeline_model_parallel_world_size(), "dp": ps.get_data_parallel_world_size()}
 
 
+def _in_process_results_queue() -> None:
+    """Keep megatron's torch_dist writer from starting a multiprocessing Manager process.
+
+    The writer hands its workers' results to the caller through `filesystem_async._results_queue`, by
+    default a queue served by a Manager process (spawned at the first save and kept, ~300 MB): a stop
+    signal sent to the whole job kills it, and the preemption save then fails with BrokenPipeError; after
+    kill -9 of the trainer it stays behind. Our saves are synchronous (the writer runs in this process and
+    forks its workers; the fork hook of lifecycle.py makes them ignore the stop signals and die with us),
+    so the results never cross a process boundary and an in-process queue does the same job."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if not hasattr(filesystem_async, "_results_queue"):
+        raise RuntimeError("megatron.core.dist_checkpointing.strategies.filesystem_async has no _results_queue: "
+                           "revisit checkpoint._in_process_results_queue for this megatron-core version")
+    if not isinstance(filesystem_async._results_queue, queue.Queue):
+        filesystem_async._results_queue = queue.Queue()
+
+
 def _write_sharded(tmp: Path, model_chunks: list, optimizer, scheduler, step: int) -> None:
     from megatron.core import dist_checkpointing
 
@@ -169,6 +189,7 @@ def _write_sharded(tmp: Path, model_chunks: list, optimizer, scheduler, step: in
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
     state["step"] = step
+    _in_process_results_queue()
     dist_checkpointing.save(state, str(tmp))
 
 

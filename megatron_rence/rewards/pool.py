@@ -11,6 +11,9 @@ and replaced and the item scores `reward.incorrect` with status "timeout"; a wor
 "error" and is replaced (replacements start in the background; the deadline starts at dispatch). So a
 pathological answer (a C-level big-integer power, a parser bug that loops) costs at most `timeout_s`,
 never the run. `num_workers: 0` grades in-process, for debugging (no hard deadline).
+
+Workers start with the stop signals blocked and then ignore them (lifecycle.py): a SIGTERM sent to the
+whole job leaves them grading until the trainer's step ends and `close()` stops them; they die with it.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import weakref
 from multiprocessing.connection import Connection, wait
 from typing import Callable, Optional, Sequence
 
+from megatron_rence.lifecycle import stop_signals_blocked
 from megatron_rence.rewards import math as math_reward
 from megatron_rence.rewards.math import GradeResult
 from megatron_rence.rewards.worker import READY
@@ -118,9 +122,10 @@ class RewardPool:
         from_child_r, from_child_w = os.pipe()
         # The child needs this interpreter's import path to unpickle `grade_fn` (e.g. a test module's function).
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-        process = subprocess.Popen(
-            [sys.executable, "-m", "megatron_rence.rewards.worker", str(to_child_r), str(from_child_w)],
-            pass_fds=(to_child_r, from_child_w), env=env, stdin=subprocess.DEVNULL)
+        with stop_signals_blocked():
+            process = subprocess.Popen(
+                [sys.executable, "-m", "megatron_rence.rewards.worker", str(to_child_r), str(from_child_w),
+                 str(os.getpid())], pass_fds=(to_child_r, from_child_w), env=env, stdin=subprocess.DEVNULL)
         os.close(to_child_r)
         os.close(from_child_w)
         worker = _Worker(process, Connection(to_child_w, readable=False), Connection(from_child_r, writable=False),

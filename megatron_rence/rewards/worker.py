@@ -1,21 +1,21 @@
-"""Grading worker process: `python -m megatron_rence.rewards.worker READ_FD WRITE_FD`, started by RewardPool.
+"""Grading worker process: `python -m megatron_rence.rewards.worker READ_FD WRITE_FD PARENT_PID`, started by RewardPool.
 
 A plain subprocess (not a multiprocessing child) so that it never re-imports the trainer's main module
 (torch, megatron) and starts in the time it takes to import math-verify. Protocol over two pipes of
 pickled messages: the parent sends ``(grade_fn, fallbacks, timeout_s)`` once, then ``(index, response,
 answer)`` per item and ``None`` to stop; the worker answers ``("ready", None)`` once, then
 ``(index, GradeResult)`` per item.
+
+Stop signals (SIGTERM / SIGUSR1 / SIGINT sent to the whole job) are ignored: the pool stops its workers
+(lifecycle.py); a worker dies with the trainer (PR_SET_PDEATHSIG), even one stuck in a C-level loop.
 """
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import sys
-import threading
-import time
 from multiprocessing.connection import Connection
 
+from megatron_rence.lifecycle import become_child
 from megatron_rence.rewards.math import GradeResult
 
 READY = "ready"
@@ -39,16 +39,8 @@ def serve(inbox: Connection, outbox: Connection) -> None:
         outbox.send((index, result))
 
 
-def _exit_when_orphaned(parent_pid: int) -> None:
-    """A worker busy in Python code when the trainer dies still exits (a C-level loop holds the GIL)."""
-    while os.getppid() == parent_pid:
-        time.sleep(1.0)
-    os._exit(1)
-
-
 def main() -> None:
-    threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
+    become_child(int(sys.argv[3]) if len(sys.argv) > 3 else None)  # the stop signals are the parent's business
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # statuses are reported to the parent
     read_fd, write_fd = int(sys.argv[1]), int(sys.argv[2])
     serve(Connection(read_fd, writable=False), Connection(write_fd, readable=False))

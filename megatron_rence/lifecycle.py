@@ -1,0 +1,121 @@
+"""Stop signals and child processes: the trainer stops on them, the processes it starts do not.
+
+Slurm (scancel, srun, an sbatch trap forwarding the signal) and `kill -TERM -- -PGID` signal every process
+of a job, children included. The trainer checkpoints and exits on SIGTERM / SIGUSR1 / SIGINT
+(train.StopFlag); each process it starts (reward workers, checkpoint writer workers, the SGLang engine's
+scheduler / detokenizer) must outlive that signal until its owner shuts it down, and must die with the
+trainer when the trainer is killed outright (kill -9, the OOM killer), so nothing is left behind:
+
+- exec'd children are created inside `stop_signals_blocked()`: the stop signals are blocked in the calling
+  thread while they start; a child inherits the blocked mask through fork and exec, so a signal that
+  arrives before it is ready stays pending instead of killing it. Our own children (rewards/worker.py)
+  then call `become_child(parent_pid)`: ignore the stop signals, unblock them, die with the parent.
+  SGLang's processes keep them blocked (pending for ever, i.e. ignored) and already die with their
+  parent (SGLang's own `kill_itself_when_parent_died`).
+- forked children (megatron's checkpoint writer workers) run the same through `os.register_at_fork`
+  once `install_fork_hook()` was called (train.StopFlag does).
+
+The parent loses no signal: while its main thread blocks them they go to another thread (the Python
+handler still runs in the main thread), or stay pending until the block ends.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Iterator, Optional
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _load_prctl():
+    """libc's prctl on Linux, else None; resolved once in the parent (a forked child must not dlopen)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_prctl = _load_prctl()
+_fork_hook_installed = False
+
+
+@contextlib.contextmanager
+def stop_signals_blocked() -> Iterator[None]:
+    """Block SIGTERM / SIGUSR1 / SIGINT in this thread for the duration; processes started inside inherit it."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """This process gets SIGKILL when `parent_pid` (its parent) exits: prctl(PR_SET_PDEATHSIG) on Linux, a
+    thread watching getppid() elsewhere. Exits at once if the parent is already gone.
+
+    Linux sends the signal when the parent *thread* that created this process exits: owners create their
+    children from the main thread."""
+    if _prctl is not None and _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0:
+        if os.getppid() != parent_pid:  # the parent died before the prctl
+            os._exit(1)
+        return
+    threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()
+
+
+def _exit_when_orphaned(parent_pid: int, poll_s: float = 1.0) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(poll_s)
+    os._exit(1)
+
+
+def become_child(parent_pid: Optional[int] = None) -> None:
+    """Ignore the stop signals (the owner shuts this process down), unblock them, die with the parent."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # pending ones are discarded: they are ignored
+    die_with_parent(os.getppid() if parent_pid is None else parent_pid)
+
+
+def _after_fork_in_child() -> None:
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    if _prctl is not None:  # no thread here: a forked child of a threaded process must stay simple
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def install_fork_hook() -> None:
+    """Every process forked from this one from now on ignores the stop signals and dies with it
+    (megatron's checkpoint writer forks its workers from the trainer). Idempotent."""
+    global _fork_hook_installed
+    if not _fork_hook_installed:
+        os.register_at_fork(after_in_child=_after_fork_in_child)
+        _fork_hook_installed = True
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live descendant of `pid` (Linux /proc)."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] not in ("Z", "X"):
+                parents.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = set(), [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
