@@ -1,5 +1,5 @@
 """Short real runs of the whole loop on CPU: metrics, weight changes, engine == trainer after sync, checkpoints,
-SIGTERM + --resume reproducing an uninterrupted run, and a two-process (TP=2) run."""
+SIGTERM to the whole process group + --resume reproducing an uninterrupted run, and a two-process (TP=2) run."""
 import json
 import os
 import signal
@@ -74,28 +74,64 @@ def test_fp8_rollouts_with_the_engines_old_logprobs(tmp_path):
     assert max(r.get("train/weights_changed", 0.0) for r in records) > 0.0
 
 
-def test_sigterm_then_resume_matches_uninterrupted_run(tmp_path):
-    steps = 40  # enough that SIGTERM, sent once step 2 is logged, lands mid-run
+def _group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group `pgid` (Linux /proc)."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] not in ("Z", "X") and int(fields[2]) == pgid:
+                members.append(int(entry))
+    return members
+
+
+def _wait_for_steps(metrics_file: Path, n: int, proc: subprocess.Popen) -> None:
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if metrics_file.exists() and len(metrics_file.read_text().splitlines()) >= n:
+            return
+        time.sleep(0.2)
+
+
+def _assert_group_gone(pgid: int) -> None:
+    deadline = time.time() + 60
+    while _group_members(pgid) and time.time() < deadline:
+        time.sleep(0.2)
+    assert _group_members(pgid) == [], "processes of the run outlived it"
+
+
+def test_sigterm_to_the_process_group_then_resume_matches_uninterrupted_run(tmp_path):
+    """As Slurm / `kill -TERM -- -PGID` do: every process of the run (trainer, reward worker, checkpoint writer
+    workers) gets the signal; the save must still work (it failed with BrokenPipeError when megatron's writer
+    Manager process died first), land at the last logged step, and leave no process behind."""
+    steps = 40  # enough that SIGTERM, sent once step 3 is logged, lands mid-run
     full = tmp_path / "full"
     kl = "objective.kl_coef=0.05"  # a reference model: after the resume it must still be the starting policy
     _train(full, f"train.num_steps={steps}", "checkpoint.every=0", kl)
     reference = {r["step"]: r for r in _metrics(full)}
 
     cut = tmp_path / "cut"
+    # checkpoint.every=1: the writer has run (and left whatever helpers it keeps) before the signal
     cmd = [sys.executable, "-m", "megatron_rence.train", "recipes/demo_cpu.yaml", *TINY, f"train.run_dir={cut}",
-           f"train.num_steps={steps}", "checkpoint.every=0", kl]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 600
-    metrics_file = cut / "metrics.jsonl"
-    while time.time() < deadline:  # SIGTERM as soon as step 2 is logged
-        if metrics_file.exists() and len(metrics_file.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=300)
+           f"train.num_steps={steps}", "checkpoint.every=1", "checkpoint.keep_last=1", kl]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        _wait_for_steps(cut / "metrics.jsonl", 3, proc)
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, out[-4000:]
     stopped_at = len(_metrics(cut))
-    assert 2 <= stopped_at < steps, out[-2000:]
+    assert 3 <= stopped_at < steps, out[-2000:]
+    assert f"checkpoint written at step {stopped_at}" in out
+    assert (cut / "checkpoints" / "latest").read_text().strip() == f"iter_{stopped_at:07d}"
+    _assert_group_gone(proc.pid)
 
     _train(cut, f"train.num_steps={steps}", "checkpoint.every=0", kl, resume=True)
     resumed = {r["step"]: r for r in _metrics(cut)}

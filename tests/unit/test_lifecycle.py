@@ -1,0 +1,177 @@
+"""Stop signals vs the processes we start (lifecycle.py): reward workers and forked children ignore SIGTERM /
+SIGUSR1 / SIGINT and die with their parent (kill -9 leaves nothing); children started inside
+`stop_signals_blocked` inherit the block, the parent's mask comes back; a checkpoint save starts no
+long-lived helper process (megatron's writer Manager, which a job-wide SIGTERM killed before the save)."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from megatron_rence import lifecycle
+from megatron_rence.config import RewardConfig
+from megatron_rence.rewards.pool import RewardPool
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def _wait_gone(pids, timeout: float = 60.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.1)
+    return [p for p in pids if _alive(p)]
+
+
+def _blocked_mask(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigBlk:"):
+            return int(line.split()[1], 16)
+    raise AssertionError("no SigBlk line")
+
+
+def _bit(sig) -> int:
+    return 1 << (int(sig) - 1)
+
+
+def test_reward_workers_ignore_stop_signals_and_keep_grading():
+    with RewardPool(RewardConfig(num_workers=2, timeout_s=30.0)) as pool:
+        assert [r.reward for r in pool.grade(["\\boxed{3}"], ["3"])] == [1.0]  # workers are up
+        pids = [w.process.pid for w in pool._workers]
+        for pid in pids:
+            for sig in lifecycle.STOP_SIGNALS:
+                os.kill(pid, sig)
+        time.sleep(0.5)
+        assert all(_alive(p) for p in pids)
+        results = pool.grade(["\\boxed{3}", "\\boxed{4}", "\\boxed{5}"], ["3", "3", "5"])
+        assert [r.reward for r in results] == [1.0, 0.0, 1.0]
+        assert pool.metrics()["reward/num_worker_restarts"] == 0
+    assert _wait_gone(pids, 10.0) == []  # close() stops them
+
+
+OWNER = textwrap.dedent("""
+    import os, sys, time
+    from megatron_rence import lifecycle
+    from megatron_rence.config import RewardConfig
+    from megatron_rence.rewards.pool import RewardPool
+    lifecycle.install_fork_hook()
+    pool = RewardPool(RewardConfig(num_workers=2, timeout_s=30.0))
+    pool.grade(["\\\\boxed{1}"], ["1"])
+    pids = [w.process.pid for w in pool._workers]
+    child = os.fork()
+    if child == 0:
+        while True:
+            time.sleep(1)
+    pids.append(child)
+    print(" ".join(map(str, pids)), flush=True)
+    time.sleep(600)
+""")
+
+
+def test_kill_9_of_the_owner_leaves_no_worker_or_forked_child():
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    owner = subprocess.Popen([sys.executable, "-c", OWNER], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in owner.stdout.readline().split()]
+        assert len(pids) == 3 and all(_alive(p) for p in pids)
+        for sig in lifecycle.STOP_SIGNALS:  # the forked child ignores them too
+            os.kill(pids[2], sig)
+        time.sleep(0.3)
+        assert _alive(pids[2])
+        owner.kill()
+        owner.wait()
+        assert _wait_gone(pids) == [], "children outlived their parent"
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()
+
+
+def test_children_started_inside_the_block_inherit_it_and_the_mask_is_restored():
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    with lifecycle.stop_signals_blocked():
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+        mask = _blocked_mask(child.pid)
+        assert all(mask & _bit(sig) for sig in lifecycle.STOP_SIGNALS)
+        os.kill(child.pid, signal.SIGTERM)  # blocked: stays pending, the child lives
+        time.sleep(0.3)
+        assert child.poll() is None
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_become_child_ignores_unblocks_and_exits_when_the_parent_is_already_gone():
+    code = ("import os, signal; from megatron_rence import lifecycle\n"
+            "lifecycle.become_child(os.getppid())\n"
+            "print(all(signal.getsignal(s) == signal.SIG_IGN for s in lifecycle.STOP_SIGNALS), flush=True)\n"
+            "lifecycle.become_child(os.getppid() + 1_000_000)  # not our parent: exits at once\n"
+            "print('still here')")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    with lifecycle.stop_signals_blocked():
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["True"] and out.returncode == 1, out.stderr
+
+
+def test_descendants_lists_children_and_grandchildren():
+    code = "import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)']); time.sleep(30)"
+    child = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.monotonic() + 30
+        while len(lifecycle.descendants(os.getpid())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        found = lifecycle.descendants(os.getpid())
+        assert child.pid in found and len(found) == 2
+    finally:
+        for pid in lifecycle.descendants(child.pid):
+            os.kill(pid, signal.SIGKILL)
+        child.kill()
+        child.wait()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_prctl_is_resolved_on_linux():
+    assert lifecycle._prctl is not None
+
+
+def test_checkpoint_save_leaves_no_helper_process(tmp_path):
+    """The torch_dist writer's results queue is in-process: after a save no child of ours is running (before,
+    a multiprocessing Manager stayed, and a job-wide SIGTERM killed it before the preemption save)."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from megatron_rence.config import Config, ModelConfig
+    from megatron_rence.megatron import cpu_compat, parallel
+    from megatron_rence.megatron.model import build_model
+    from megatron_rence.megatron.step import Trainer
+
+    was_applied = cpu_compat.is_applied()
+    pstate = parallel.initialize(Config().parallel, seed=3)
+    try:
+        cfg = Config()
+        cfg.model = ModelConfig(num_layers=1, hidden_size=16, ffn_hidden_size=32, num_attention_heads=2,
+                                num_query_groups=1, max_position_embeddings=16, make_vocab_size_divisible_by=8,
+                                dtype="fp32")
+        trainer = Trainer(cfg, build_model(cfg.model, cfg.parallel, 24), pstate, 24)
+        before = lifecycle.descendants(os.getpid())
+        trainer.save(tmp_path, 1, {"step": 1})
+        trainer.save(tmp_path, 2, {"step": 2})
+        assert lifecycle.descendants(os.getpid()) - before == set()
+        assert type(filesystem_async._results_queue).__module__ == "queue"
+        assert (tmp_path / "latest").read_text().strip() == "iter_0000002"
+    finally:
+        parallel.destroy()
+        if not was_applied:
+            cpu_compat.restore()
