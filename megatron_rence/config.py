@@ -103,6 +103,10 @@ class SGLangConfig:
     model_dir: Optional[str] = None  # where config.json + tokenizer for the engine go; default <run_dir>/sglang_model
     log_level: str = "error"
     health_poll_s: float = 5.0  # how often a pending engine call checks that the engine processes live
+    # an engine call (generate, weight update, memory) with no answer after this long counts as a crash: the
+    # engine is restarted (max_restarts). Keep it, plus an engine restart, under the 30-min collective timeout
+    # the other ranks wait in.
+    request_timeout_s: float = 900.0
 
 
 @dataclass
@@ -328,6 +332,8 @@ def validate(cfg: Config, source: str = "<recipe>") -> None:
              "engine (rollout.engine=hf) exposes")
     if cfg.weights.bucket_bytes < 1:
         fail("weights.bucket_bytes", "must be >= 1")
+    if not r.sglang.request_timeout_s > 0:
+        fail("rollout.sglang.request_timeout_s", f"must be > 0 seconds, got {r.sglang.request_timeout_s}")
 
 
 def check_world_size(cfg: Config, world_size: int, source: str = "<recipe>") -> int:

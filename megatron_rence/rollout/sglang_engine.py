@@ -20,9 +20,15 @@ request object ourselves, exactly as that method does, which also lets every cal
   during a sync skips its remaining buckets and keeps the flag past `resume_memory(["kv_cache"])`). `generate` re-pushes through `on_restart(engine)` when the trainer set
   it (single-rank groups), else raises `EngineRestartedError` so the trainer re-syncs collectively.
   Training state is never touched.
+- hangs: a call that gets no answer in `rollout.sglang.request_timeout_s` is treated as a crash (the
+  engine is killed and restarted as above), so a hung engine cannot hang the job.
 - signals: SGLang installs SIGTERM / SIGQUIT handlers that kill the process tree; the trainer's own
-  SIGTERM handler is restored (checkpoint-on-SIGTERM keeps working) and SIGQUIT is ours. Shutdown kills
-  only the engine's own processes (SGLang's `Engine.shutdown` kills every child, reward workers included).
+  SIGTERM handler is restored (checkpoint-on-SIGTERM keeps working) and SIGQUIT is ours. Slurm and
+  `kill -- -PGID` also signal the engine's scheduler / detokenizer processes: they are created with
+  SIGTERM / SIGUSR1 / SIGINT blocked (lifecycle.stop_signals_blocked; the mask is inherited through
+  SGLang's spawn and never unblocked there), so the engine lives until the trainer has checkpointed and
+  shuts it down; they die with the trainer (SGLang's own PR_SET_PDEATHSIG). Shutdown kills only the
+  engine's own processes (SGLang's `Engine.shutdown` kills every child, reward workers included).
 """
 from __future__ import annotations
 
@@ -38,6 +44,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from megatron_rence.lifecycle import descendants, stop_signals_blocked
 from megatron_rence.rollout.engine import EngineRestartedError  # noqa: F401  (raised here; re-exported)
 from megatron_rence.rollout.sglang_transport import BucketSender, sglang_payload, sglang_serialize
 from megatron_rence.rollout.types import Completion, GenerateRequest, SamplingParams, group_rows
@@ -117,24 +124,6 @@ def write_model_dir(hf_config, tokenizer, path: Path, fp8: bool) -> Path:
 
 
 # ---- the engine's processes (Linux /proc; SGLang runs on Linux only) ---------------------------------
-def _descendants(pid: int) -> set[int]:
-    parents: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            parents.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
-    found, todo = set(), [pid]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
 def _alive(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
@@ -166,13 +155,15 @@ class SGLangEngine:
     """
 
     def __init__(self, kwargs: dict, group=None, *, backend: Optional[Backend] = None, max_restarts: int = 2,
-                 poll_s: float = 5.0, make_payload: Callable = sglang_payload, serialize: Callable = sglang_serialize):
+                 poll_s: float = 5.0, make_payload: Callable = sglang_payload, serialize: Callable = sglang_serialize,
+                 request_timeout_s: Optional[float] = None):
         self.kwargs = kwargs
         self.sender = BucketSender(kwargs["tp_size"], group, make_payload, serialize)
         self.is_owner = self.sender.is_owner
         self.backend = backend
         self.max_restarts = max_restarts
         self.poll_s = poll_s
+        self.request_timeout_s = request_timeout_s  # None: unbounded
         self.memory_saver = bool(kwargs.get("enable_memory_saver", False))
         self.weight_version = 0
         self.num_restarts = 0
@@ -202,15 +193,17 @@ class SGLangEngine:
         if owner:
             write_model_dir(hf_config, tokenizer, model_dir, s.fp8_weights)
         kwargs = server_kwargs(s, str(model_dir), cfg.model.dtype, cfg.train.seed, base_gpu_id, local_rank // s.tp)
-        return cls(kwargs, group, max_restarts=s.max_restarts, poll_s=s.health_poll_s)
+        return cls(kwargs, group, max_restarts=s.max_restarts, poll_s=s.health_poll_s,
+                   request_timeout_s=s.request_timeout_s)
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     def _start(self) -> None:
-        before = _descendants(os.getpid())
+        before = descendants(os.getpid())
         term_handler = signal.getsignal(signal.SIGTERM)
-        self.engine = self.backend.make_engine(**self.kwargs)
+        with stop_signals_blocked():  # the engine's processes inherit the block: a job-wide SIGTERM spares them
+            self.engine = self.backend.make_engine(**self.kwargs)
         atexit.unregister(self.engine.shutdown)  # it kills every child of this process
-        self._pids = _descendants(os.getpid()) - before
+        self._pids = descendants(os.getpid()) - before
         # The tokenizer manager installs its SIGTERM / SIGQUIT loop handlers on first use: do it now, then undo.
         self.engine.tokenizer_manager.auto_create_handle_loop()
         for sig in (signal.SIGTERM, signal.SIGQUIT):
@@ -262,16 +255,24 @@ class SGLangEngine:
 
     # ---- guarded calls -----------------------------------------------------------------------------
     def _call(self, make_coro: Callable[[], Any]):
-        """Run one tokenizer-manager coroutine on the engine's loop, polling the engine's health."""
+        """Run one tokenizer-manager coroutine on the engine's loop, polling the engine's health; past
+        `request_timeout_s` without an answer the engine counts as crashed (hung)."""
         async def guarded():
             task = asyncio.ensure_future(make_coro())
+            loop = asyncio.get_running_loop()
+            deadline = None if self.request_timeout_s is None else loop.time() + self.request_timeout_s
             while True:
-                done, _ = await asyncio.wait({task}, timeout=self.poll_s)
+                wait_s = self.poll_s if deadline is None else max(0.0, min(self.poll_s, deadline - loop.time()))
+                done, _ = await asyncio.wait({task}, timeout=wait_s)
                 if done:
                     return task.result()
                 if not self._engine_alive():
                     task.cancel()
                     raise EngineCrashed("SGLang engine processes died during a call")
+                if deadline is not None and loop.time() >= deadline:
+                    task.cancel()
+                    raise EngineCrashed(f"SGLang engine did not answer within {self.request_timeout_s:g} s "
+                                        "(rollout.sglang.request_timeout_s): restarting it")
 
         if self.engine is None or not self._engine_alive():
             raise EngineCrashed("SGLang engine is not running")

@@ -9,12 +9,14 @@ import pickle
 import signal
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from megatron_rence.config import Config, SGLangConfig
+from megatron_rence.lifecycle import STOP_SIGNALS
 from megatron_rence.rollout.engine import RolloutEngine
 from megatron_rence.rollout.sglang_engine import (ALL_TAGS, Backend, EngineRestartedError, SGLangEngine,
                                                   parse_output, sampling_dicts, server_kwargs)
@@ -47,6 +49,8 @@ class FakeTokenizerManager:
     async def _maybe_die(self, what):
         if self.engine.die_on == what:
             self.engine.proc.kill()
+            await asyncio.sleep(3600)
+        if self.engine.hang_on == what:  # alive but never answers
             await asyncio.sleep(3600)
 
     async def generate_request(self, obj, request):
@@ -90,10 +94,11 @@ class FakeEngine:
         self.kwargs = kwargs
         self.loop = asyncio.new_event_loop()
         asyncio.set_event_loop(self.loop)
+        # a child with Python's default signal handling, like SGLang's scheduler / detokenizer processes
         self.proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
         self.tokenizer_manager = FakeTokenizerManager(self)
         self.weights, self.log, self.offload_tags = {}, [], set()
-        self.weight_version, self.die_on = "default", None
+        self.weight_version, self.die_on, self.hang_on = "default", None, None
         FakeEngine.started.append(self)
 
     def shutdown(self):
@@ -109,12 +114,12 @@ def kwargs(tp=1, memory_saver=True):
 def make_engine():
     engines = []
 
-    def make(tp=1, memory_saver=True, io=FAKE_IO):
+    def make(tp=1, memory_saver=True, io=FAKE_IO, request_timeout_s=None):
         def serialize(payload):
             return pickle.dumps(payload)
         engine = SGLangEngine(kwargs(tp, memory_saver), backend=Backend(FakeEngine, io), max_restarts=2, poll_s=0.02,
                               make_payload=lambda flat, metas: {"flattened_tensor": flat, "metadata": metas},
-                              serialize=serialize)
+                              serialize=serialize, request_timeout_s=request_timeout_s)
         engines.append(engine)
         return engine
 
@@ -247,6 +252,42 @@ def test_signal_handlers(make_engine):
     sync(engine, 1)
     os.kill(os.getpid(), signal.SIGQUIT)  # what a failing SGLang child sends its parent
     assert not engine.health()
+
+
+def test_engine_processes_survive_the_jobs_stop_signals(make_engine):
+    """Slurm / kill -- -PGID signal the engine's processes too: started with the stop signals blocked, they
+    live on until the trainer has checkpointed (before, the next engine call raised before the save)."""
+    engine = make_engine()
+    sync(engine, 1)
+    child = FakeEngine.started[-1].proc
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []).isdisjoint(STOP_SIGNALS)  # the trainer's mask is back
+    for sig in STOP_SIGNALS:
+        os.kill(child.pid, sig)
+    time.sleep(0.5)
+    assert child.poll() is None and engine.health()
+    assert engine.generate([[1]], SamplingParams(max_new_tokens=2), 1)[0][0].weight_version == 1
+    assert engine.num_restarts == 0
+
+
+def test_a_hung_engine_is_restarted_after_request_timeout(make_engine):
+    engine = make_engine(request_timeout_s=0.3)
+    engine.on_restart = lambda e: sync(e, e.weight_version)
+    sync(engine, 3)
+    first = FakeEngine.started[-1]
+    first.hang_on = "generate"
+    out = engine.generate([[1]], SamplingParams(max_new_tokens=2), 1)
+    assert FakeEngine.started[-1] is not first and engine.num_restarts == 1
+    assert first.proc.poll() is not None  # the hung engine's processes were killed
+    assert out[0][0].weight_version == 3 and engine.health()
+
+
+def test_request_timeout_is_validated():
+    from megatron_rence.config import ConfigError, validate
+
+    cfg = Config()
+    cfg.rollout.sglang.request_timeout_s = 0
+    with pytest.raises(ConfigError, match="rollout.sglang.request_timeout_s"):
+        validate(cfg)
 
 
 def test_crash_during_generate_restarts_and_repushes(make_engine):
