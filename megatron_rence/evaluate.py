@@ -4,6 +4,9 @@ From training: `evaluate(engine, tokenizer, cfg.eval, cfg.data, reward_pool, out
 metrics (`eval/<benchmark>/avg@k`, `eval/<benchmark>/pass@j` for j = 1, 2, 4, ..., k) and writes, under
 `out_dir[/step_NNNNNN]`: `results.md` (a table), `results.json`, and `<benchmark>.jsonl` (per problem: the k
 responses, extracted answers, statuses, rewards); one line per evaluation is appended to `out_dir/summary.jsonl`.
+With several engines (training with one SGLang engine per inference TP group) every engine samples and
+grades its contiguous share of each benchmark, as in rollout, and the results are gathered on every rank
+(`shard`, `gather`); only the writing rank writes the reports.
 
 Standalone: `rence-eval RECIPE [overrides] --hf-dir DIR [--bench NAME=PATH[:FORMAT]] [--out DIR]` evaluates
 an HF-format directory (config.json + *.safetensors, e.g. written by tools/export_megatron_to_hf.py): the
@@ -15,7 +18,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from megatron_rence.cli import handle_info_flags, load_or_exit, recipe_parser
 from megatron_rence.config import BenchmarkConfig
@@ -100,27 +103,57 @@ def markdown_table(summaries: dict[str, dict], k: int, step: Optional[int]) -> s
     return "\n".join(lines) + "\n"
 
 
-def evaluate(engine, tokenizer, eval_cfg, data_cfg, reward_pool, out_dir, step: Optional[int] = None) -> dict:
-    """Evaluate every `eval_cfg.benchmarks` entry; write the reports; return `eval/...` metrics."""
+def engine_share(num_items: int, engine_index: int, num_engines: int) -> list[int]:
+    """The contiguous indices engine `engine_index` of `num_engines` handles (rollout splits prompts the same way).
+
+    >>> engine_share(5, 0, 2), engine_share(5, 1, 2), engine_share(1, 1, 2)
+    ([0, 1, 2], [3, 4], [])
+    """
+    return [i for i in range(num_items) if i * num_engines // num_items == engine_index]
+
+
+def sample_and_grade_share(engine, tokenizer, records: list[dict], eval_cfg, data_cfg, reward_pool,
+                           shard: tuple[int, int], gather: Optional[Callable[[list], list]]) -> list[dict]:
+    """Every record's results: this engine's share sampled here (none when `engine` is None), the rest gathered."""
+    mine = engine_share(len(records), *shard) if engine is not None else []
+    local = list(zip(mine, sample_and_grade(engine, tokenizer, [records[i] for i in mine], eval_cfg, data_cfg,
+                                            reward_pool))) if mine else []
+    everything = sorted(gather(local) if gather is not None else local, key=lambda item: item[0])
+    assert [i for i, _ in everything] == list(range(len(records))), "every problem must be evaluated exactly once"
+    return [result for _, result in everything]
+
+
+def evaluate(engine, tokenizer, eval_cfg, data_cfg, reward_pool, out_dir, step: Optional[int] = None,
+             shard: tuple[int, int] = (0, 1), gather: Optional[Callable[[list], list]] = None,
+             write: bool = True) -> dict:
+    """Evaluate every `eval_cfg.benchmarks` entry; write the reports (when `write`); return `eval/...` metrics.
+
+    `shard` = (this engine's index, number of engines): this engine samples and grades its share of each
+    benchmark; `gather` (a collective every rank calls: local list -> every rank's lists concatenated)
+    joins the shares. Ranks without an engine pass `engine=None` and only take part in the gather."""
     if eval_cfg.num_samples < 1:
         raise ValueError(f"eval.num_samples: must be >= 1, got {eval_cfg.num_samples}")
     if not eval_cfg.benchmarks:
         raise ValueError("eval.benchmarks: nothing to evaluate (add entries with name, path, format)")
     k, root = eval_cfg.num_samples, Path(out_dir)
     out = root / f"step_{step:06d}" if step is not None else root
-    out.mkdir(parents=True, exist_ok=True)
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
     summaries: dict[str, dict] = {}
     for bench in eval_cfg.benchmarks:
         name = benchmark_name(bench)
         records, info = load_benchmark(bench)
-        results = sample_and_grade(engine, tokenizer, records, eval_cfg, data_cfg, reward_pool)
+        results = sample_and_grade_share(engine, tokenizer, records, eval_cfg, data_cfg, reward_pool, shard, gather)
         summaries[name] = {**summarize(results, k), **info}
-        with (out / f"{name}.jsonl").open("w") as f:
-            for r in results:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        if write:
+            with (out / f"{name}.jsonl").open("w") as f:
+                for r in results:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
     metrics = {f"eval/{name}/{key}": value for name, s in summaries.items() for key, value in s.items()
                if isinstance(value, (int, float))}
     metrics[f"eval/avg@{k}"] = sum(s[f"avg@{k}"] for s in summaries.values()) / len(summaries)
+    if not write:
+        return metrics
     (out / "results.md").write_text(markdown_table(summaries, k, step))
     (out / "results.json").write_text(json.dumps({"step": step, "k": k, "benchmarks": summaries}, indent=2))
     with (root / "summary.jsonl").open("a") as f:

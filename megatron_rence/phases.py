@@ -103,6 +103,9 @@ def _gather_objects(local: list) -> list:
     return [item for part in gathered for item in part]
 
 
+gather_objects = _gather_objects  # public: evaluation gathers its per-engine shares the same way
+
+
 def rollout_phase(prompts: list[Prompt], engine, reward_pool, params: SamplingParams, num_samples: int,
                   engine_index: int, num_engines: int, positive_threshold: float) -> tuple[Optional[Experience], dict]:
     """Generate K completions per prompt on the engine owners, grade them there, and share with all ranks.

@@ -201,13 +201,20 @@ def save(run: Run, step: int) -> None:
 
 
 def maybe_evaluate(run: Run, step: int) -> dict:
+    """Every `eval.every` steps (collective): each engine evaluates its share of the problems, as in rollout;
+    rank 0 writes the reports and returns the metrics."""
     from megatron_rence.evaluate import evaluate
+    from megatron_rence.phases import gather_objects
 
     e = run.cfg.eval
-    if not (e.every and e.benchmarks and step % e.every == 0) or run.engine is None or run.engine_index != 0:
+    if not (e.every and e.benchmarks and step % e.every == 0):
         return {}
     out_dir = Path(e.out_dir or Path(run.cfg.train.run_dir) / "eval")
-    return evaluate(run.engine, run.tokenizer, e, run.cfg.data, run.reward_pool, out_dir, step=step)
+    engine = run.engine if run.engine_index >= 0 else None
+    metrics = evaluate(engine, run.tokenizer, e, run.cfg.data, run.reward_pool, out_dir, step=step,
+                       shard=(max(run.engine_index, 0), run.num_engines), gather=gather_objects,
+                       write=run.pstate.rank == 0)
+    return metrics if run.pstate.rank == 0 else {}
 
 
 def run_training(cfg: Config, resume: bool = False) -> list[dict]:

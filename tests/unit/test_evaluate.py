@@ -117,3 +117,50 @@ def test_rence_eval_argument_errors(tmp_path, capsys):
     assert "needs config.json and *.safetensors" in capsys.readouterr().err
     assert main([recipe, "--bench", "oops"]) == 2
     assert "NAME=PATH" in capsys.readouterr().err
+
+
+def test_evaluation_split_across_engines_gives_the_single_engine_results(tmp_path):
+    """Two engines (threads standing in for ranks; `gather` is their all_gather) each sample their contiguous
+    share, a third rank without an engine only gathers; every rank gets the single-engine metrics, only the
+    writing rank writes the reports."""
+    import threading
+
+    from megatron_rence.evaluate import evaluate
+
+    tok = build_synthetic_tokenizer()
+    data_cfg = DataConfig(template="{problem}=")
+    bench = tmp_path / "toy.jsonl"
+    bench.write_text("".join(json.dumps({"id": i, "problem": p, "answer": a}) + "\n" for i, p, a, _ in PROBLEMS))
+    script = {tuple(encode_prompt(render_prompt(p, tok, data_cfg.template), tok, data_cfg.template)): r
+              for _, p, _, r in PROBLEMS}
+    eval_cfg = EvalConfig(benchmarks=[BenchmarkConfig(name="toy", path=str(bench))], num_samples=4, prompts_per_batch=2)
+    with RewardPool(RewardConfig(num_workers=0)) as pool:
+        single = evaluate(ScriptedEngine(script), tok, eval_cfg, data_cfg, pool, tmp_path / "single", step=1)
+
+    parts, barrier = [None] * 3, threading.Barrier(3)
+
+    def gather(rank):
+        def all_gather(local):
+            parts[rank] = local
+            barrier.wait()
+            return [item for part in parts for item in part]
+        return all_gather
+
+    engines = [ScriptedEngine(script), ScriptedEngine(script), None]
+    results = [None] * 3
+
+    def rank_main(rank):
+        with RewardPool(RewardConfig(num_workers=0)) as pool:
+            results[rank] = evaluate(engines[rank], tok, eval_cfg, data_cfg, pool, tmp_path / "split", step=1,
+                                     shard=(min(rank, 1), 2), gather=gather(rank), write=rank == 0)
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert [e.calls for e in engines[:2]] == [[(2, 0.6, 4)], [(1, 0.6, 4)]]  # problems 0-1 and 2
+    assert results[0] == results[1] == results[2] == single
+    assert (tmp_path / "split" / "step_000001" / "toy.jsonl").read_text() == \
+        (tmp_path / "single" / "step_000001" / "toy.jsonl").read_text()
+    assert len((tmp_path / "split" / "summary.jsonl").read_text().splitlines()) == 1
