@@ -194,6 +194,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--unfused-attention", action="store_true",
                         help="count the s^2 softmax activations (no flash/fused attention)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    add_cluster_args(parser)
     args = parser.parse_intermixed_args(argv)
     cfg = load_or_exit(args)
     if handle_info_flags(args, cfg):
@@ -207,7 +208,34 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(render(report, args.recipe))
     for msg in report.problems:
         print(f"error: {msg}", file=sys.stderr)
-    return report.exit_code
+    return max(report.exit_code, cluster_checks(report, args))
+
+
+def add_cluster_args(parser) -> None:
+    """Slurm launch checks (planning/cluster.py); slurm/rence.sbatch passes them."""
+    from megatron_rence.planning.cluster import DEFAULT_FS_GBPS
+
+    parser.add_argument("--cpus-per-task", type=int, help="CPUs of each task: check they fit the engine + reward workers")
+    parser.add_argument("--grace-s", type=float, help="seconds between the stop signal and the kill: warn when the "
+                        "preemption checkpoint needs longer")
+    parser.add_argument("--fs-gbps", type=float, default=DEFAULT_FS_GBPS, help="aggregate checkpoint write bandwidth "
+                        f"in GB/s (default {DEFAULT_FS_GBPS:g}: an assumption, see planning/cluster.py)")
+
+
+def cluster_checks(report: PlanReport, args) -> int:
+    """Print the CPU and checkpoint-time checks (to stderr with --json); 2 when the CPUs do not fit, else 0."""
+    from megatron_rence.planning.cluster import check_cluster
+
+    if report.memory is None:
+        return 0
+    checks = check_cluster(report.cfg, report.memory.params.total, args.cpus_per_task, args.grace_s, args.fs_gbps)
+    out = sys.stderr if args.json else sys.stdout
+    for prefix, msgs in (("cluster  ", checks.lines), ("warning  ", checks.warnings), ("error    ", checks.errors)):
+        for msg in msgs:
+            print(f"{prefix} {msg}", file=out)
+    for msg in checks.errors:
+        print(f"error: {msg}", file=sys.stderr)
+    return 2 if checks.errors else 0
 
 
 if __name__ == "__main__":

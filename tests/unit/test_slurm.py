@@ -16,8 +16,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = sorted((REPO / "slurm").glob("*.sbatch"))
-WRAPPERS = {"rence_70b.sbatch": ("recipes/rence_70b.yaml", 8), "rence_8b.sbatch": ("recipes/rence_8b.yaml", 1),
-            "rence_1p5b.sbatch": ("recipes/rence_1p5b.yaml", 1)}
+WRAPPERS = {"rence_70b.sbatch": ("recipes/rence_70b.yaml", 8, 600), "rence_8b.sbatch": ("recipes/rence_8b.yaml", 1, 300),
+            "rence_1p5b.sbatch": ("recipes/rence_1p5b.yaml", 1, 300)}  # recipe, nodes, --signal lead (s)
 
 FAKE_SRUN = """#!/bin/bash
 echo "$*" >> "$FAKE_LOG/srun.args"
@@ -40,7 +40,7 @@ log = os.environ["FAKE_LOG"]
 if sys.argv[1:3] == ["-m", "megatron_rence.plan"]:
     sys.exit(subprocess.call([{python!r}] + sys.argv[1:]))
 keys = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-        "CUDA_DEVICE_MAX_CONNECTIONS"]
+        "CUDA_DEVICE_MAX_CONNECTIONS", "NCCL_CUMEM_ENABLE", "NCCL_NVLS_ENABLE", "SRUN_CPUS_PER_TASK"]
 with open(os.path.join(log, "train.json"), "w") as f:
     json.dump({{"argv": sys.argv[1:], "env": {{k: os.environ.get(k) for k in keys}}}}, f)
 mode = os.environ.get("FAKE_MODE", "exit")
@@ -90,9 +90,9 @@ def test_scripts_forward_overrides_and_call_the_trainer():
     assert '"$RECIPE" "train.run_dir=$RUN_DIR" "$@" --resume' in generic
     assert "scontrol requeue" in generic and "#SBATCH --requeue" in generic
     assert "pkill" not in generic and "kill -9" not in generic
-    for name, (recipe, nodes) in WRAPPERS.items():
+    for name, (recipe, nodes, lead) in WRAPPERS.items():
         text = (REPO / "slurm" / name).read_text()
-        assert f"#SBATCH --nodes={nodes}" in text and "#SBATCH --signal=B:USR1@300" in text
+        assert f"#SBATCH --nodes={nodes}" in text and f"#SBATCH --signal=B:USR1@{lead}" in text
         assert f'exec bash "$REPO_DIR/slurm/rence.sbatch" "${{RECIPE:-{recipe}}}" "$@"' in text
         assert (REPO / recipe).is_file()
 
@@ -110,11 +110,15 @@ def test_launch_passes_recipe_overrides_and_rendezvous(fake_slurm):
                               "optim.lr=5e-7", "eval.every=0", "--resume"]
     assert record["env"] == {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "8",
                              "MASTER_ADDR": "gpu-node-017", "MASTER_PORT": str(20000 + 4242),
-                             "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
+                             "CUDA_DEVICE_MAX_CONNECTIONS": "1", "NCCL_CUMEM_ENABLE": "0", "NCCL_NVLS_ENABLE": "0",
+                             "SRUN_CPUS_PER_TASK": "16"}
     srun_calls = (log / "srun.args").read_text().splitlines()
     assert len(srun_calls) == 2  # the planner check, then the training step
     assert "megatron_rence.plan recipes/rence_70b.yaml" in srun_calls[0] and "--nodes 8 --gpus-per-node 8" in srun_calls[0]
+    assert "--cpus-per-task 16 --grace-s 540" in srun_calls[0]
+    assert "--cpus-per-task=16" in srun_calls[1]  # not inherited by srun since Slurm 22.05
     assert "ok        fits" in proc.stdout  # the real planner accepted the 70B layout on 8 x 8
+    assert "checkpoint 987.8 GB: ~198 s to write at 5 GB/s" in proc.stdout and "warning   the preemption" not in proc.stdout
     assert "--container-image" not in srun_calls[1]
     assert (run_dir / "logs" / "train-4242-0.log").read_text().strip() == "trainer done"
     assert not (log / "scontrol.args").exists()  # finished normally: no requeue
@@ -184,3 +188,31 @@ def test_requeue_limit(fake_slurm):
     env.update(FAKE_MODE="sleep", PLAN="0", SLURM_JOB_NUM_NODES="1", SLURM_RESTART_COUNT="3", MAX_REQUEUES="3")
     rc, out = _start_and_signal(env, log, signal.SIGUSR1)
     assert "not requeueing" in out and not (log / "scontrol.args").exists()
+
+
+def test_cpus_per_task_too_few_for_engine_and_reward_workers(fake_slurm):
+    env, log, _ = fake_slurm
+    env["SLURM_CPUS_PER_TASK"] = "8"  # 70B: 1 trainer + max(tp 8 + 1 engine processes, 15 reward workers) = 16
+    proc = subprocess.run(["bash", str(REPO / "slurm" / "rence_70b.sbatch")], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "planner rejected" in proc.stdout, proc.stdout + proc.stderr
+    assert "--cpus-per-task 8 < 16 CPUs an engine owner needs" in proc.stdout + proc.stderr
+    assert not (log / "train.json").exists()
+
+
+def test_node_without_cpus_for_every_task_stops_the_launch(fake_slurm):
+    env, log, _ = fake_slurm
+    env.update(SLURM_CPUS_ON_NODE="64", SLURM_CPUS_PER_TASK="16")  # 8 tasks x 16 CPUs do not fit 64
+    proc = subprocess.run(["bash", str(REPO / "slurm" / "rence_70b.sbatch")], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "64 CPUs for 8 tasks x 16 CPUs" in proc.stderr
+    assert not (log / "srun.args").exists()
+
+
+def test_planner_warns_when_the_checkpoint_outlasts_the_grace(fake_slurm):
+    env, log, _ = fake_slurm
+    env["FS_GBPS"] = "1"  # ~988 s for the 70B checkpoint > GRACE_S=540
+    proc = subprocess.run(["bash", str(REPO / "slurm" / "rence_70b.sbatch")], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "warning   the preemption checkpoint needs ~988 s at 1 GB/s but the trainer gets 540 s" in proc.stdout
