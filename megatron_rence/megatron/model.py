@@ -84,7 +84,7 @@ class LocalRMSNorm(torch.nn.RMSNorm):
 
 
 def te_available() -> bool:
-    """Whether Transformer Engine imports (it needs CUDA; NGC containers ship it)."""
+    """Whether Transformer Engine imports (it needs CUDA; the Dockerfile builds it)."""
     try:
         import transformer_engine.pytorch  # noqa: F401
     except Exception:  # ImportError, or TE built for another CUDA / torch

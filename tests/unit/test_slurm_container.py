@@ -1,4 +1,6 @@
-"""The container the Slurm scripts run in: an nvcr.io PyTorch base and every pip package at an exact version.
+"""The container the Slurm scripts run in: SGLang's release image of the pinned SGLang version (its torch is
+the one sgl-kernel was built against), Transformer Engine compiled against that torch, every pip package
+at an exact version, the versions of the base checked and every compiled package imported at build time.
 
 The image cannot be built here (no Docker engine, no GPU); this checks the Dockerfile as text.
 """
@@ -8,6 +10,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "Dockerfile"
+SGLANG = "0.5.5.post3"  # the pin the adapter was written against (rollout/sglang_engine.py)
 PIN = re.compile(r"^[A-Za-z0-9_.\-]+(\[[A-Za-z0-9_,\-]+\])?==[A-Za-z0-9_.+\-]+$")
 
 
@@ -30,7 +33,10 @@ def pip_installs(text: str) -> list[list[str]]:
             if token not in ("&&", ";", "||", "|"):
                 command.append(token)
                 continue
-            if command[:2] == ["pip", "install"] or command[:4] == ["python", "-m", "pip", "install"]:
+            while command and re.match(r"^[A-Z_][A-Z0-9_]*=", command[0]):  # VAR=value before the command
+                command.pop(0)
+            if command[:2] == ["pip", "install"] or command[:3] in (["python", "-m", "pip"], ["python3", "-m", "pip"]) \
+                    and command[3:4] == ["install"]:
                 out.append(command[command.index("install") + 1:])
             command = []
     return out
@@ -40,10 +46,23 @@ def requirements(path: Path) -> list[str]:
     return [line.split("#")[0].strip() for line in path.read_text().splitlines() if line.split("#")[0].strip()]
 
 
-def test_base_image_is_an_ngc_pytorch_tag():
+def test_base_image_is_sglangs_release_image_of_the_pinned_version():
     froms = [i for i in instructions(DOCKERFILE.read_text()) if i.startswith("FROM ")]
-    assert len(froms) == 1
-    assert re.fullmatch(r"FROM nvcr\.io/nvidia/pytorch:\d\d\.\d\d-py3", froms[0]), froms[0]
+    assert froms == [f"FROM lmsysorg/sglang:v{SGLANG}"]
+    assert f"SGLang {SGLANG}" in (REPO / "megatron_rence" / "rollout" / "sglang_engine.py").read_text()
+    assert f"lmsysorg/sglang:v{SGLANG}" in (REPO / "docker" / "README.md").read_text()
+
+
+def test_base_versions_are_checked_and_compiled_packages_imported():
+    runs = [i for i in instructions(DOCKERFILE.read_text()) if i.startswith("RUN ")]
+    check = next(r for r in runs if "importlib.metadata" in r)
+    for expected in (f"v['sglang'] == '{SGLANG}'", "v['sgl-kernel'] == '0.3.17.post1'", "== '2.8.0'",
+                     "v['transformers'] == '4.57.1'"):
+        assert expected in check, expected
+    assert runs.index(check) < min(i for i, r in enumerate(runs) if "pip install" in r)  # before anything is built
+    imports = runs[-1]
+    for module in ("transformer_engine.pytorch", "sgl_kernel", "sglang", "megatron.core", "megatron_rence"):
+        assert module in imports, module
 
 
 def test_every_pip_package_is_pinned():
@@ -67,18 +86,19 @@ def test_every_pip_package_is_pinned():
     unpinned = [p for p in packages if not PIN.match(p)]
     assert not unpinned, f"pip packages without an exact version: {unpinned}"
     names = {re.split(r"[\[=]", p)[0].lower().replace("_", "-") for p in packages}
-    for needed in ("sglang", "megatron-core", "math-verify", "sgl-kernel", "transformers"):
+    for needed in ("transformer-engine", "megatron-core", "math-verify"):
         assert needed in names, needed
+    assert not {"torch", "sglang", "sgl-kernel"} & names  # the base image's: reinstalling them breaks the ABI match
 
 
 def test_the_pin_check_can_fail():
-    bad = "FROM nvcr.io/nvidia/pytorch:25.06-py3\nRUN pip install sglang megatron-core==0.16.1\n"
+    bad = "FROM lmsysorg/sglang:v0.5.5.post3\nRUN python3 -m pip install sglang megatron-core==0.16.1\n"
     (args,) = pip_installs(bad)
     assert [a for a in args if not PIN.match(a)] == ["sglang"]
 
 
-def test_project_installed_without_dependencies_after_its_pins():
+def test_project_installed_without_dependencies_and_te_built_against_the_image_torch():
     installs = pip_installs(DOCKERFILE.read_text())
     project = [args for args in installs if "-e" in args]
     assert project == [["--no-deps", "-e", "/opt/megatron-rence"]]
-    assert ["--no-deps", "sglang==0.5.5.post3"] in installs  # SGLang's torch pin must not replace NGC's torch
+    assert ["--no-build-isolation", "transformer-engine[core_cu12,pytorch]==2.9.0"] in installs
