@@ -1,5 +1,5 @@
 """The real colocated SGLang engine on one GPU: weight push, log-probs vs a transformers pass, memory
-release / resume, weight versions, crash restart. Skipped without CUDA (conftest) or without sglang."""
+release / resume, weight versions, stop signals, crash restart. Skipped without CUDA (conftest) or without sglang."""
 import os
 import signal
 
@@ -96,6 +96,25 @@ def test_release_resume_and_a_new_version(setup):
     assert after.weight_version == 2 and after.token_ids != before.token_ids
     expected = teacher_forced(other, prompt[0], after.token_ids, 1.0)
     assert torch.allclose(torch.tensor(after.logprobs), expected, atol=0.05)
+
+
+def test_engine_processes_survive_the_jobs_stop_signals(setup):
+    """Slurm / kill -- -PGID signal the scheduler and detokenizer too: started with SIGTERM / SIGUSR1 / SIGINT
+    blocked, they keep serving until the trainer has checkpointed (issue 16)."""
+    import time
+
+    from megatron_rence.lifecycle import STOP_SIGNALS
+
+    tokenizer, config, model, engine = setup
+    push(engine, model, version=4)
+    restarts = engine.num_restarts
+    for pid in engine._pids:
+        for sig in STOP_SIGNALS:
+            os.kill(pid, sig)
+    time.sleep(2.0)
+    assert engine.health()
+    out = engine.generate([tokenizer.encode("2+2=")], SamplingParams(temperature=0.0, max_new_tokens=4), 1)
+    assert engine.num_restarts == restarts and out[0][0].weight_version == 4
 
 
 def test_restart_after_a_crash_repushes_weights(setup):
