@@ -215,7 +215,8 @@ def add_cluster_args(parser) -> None:
     """Slurm launch checks (planning/cluster.py); slurm/rence.sbatch passes them."""
     from megatron_rence.planning.cluster import DEFAULT_FS_GBPS
 
-    parser.add_argument("--cpus-per-task", type=int, help="CPUs of each task: check they fit the engine + reward workers")
+    parser.add_argument("--cpus-per-task", type=int,
+                        help="CPUs of each task: check they fit the engine + reward workers")
     parser.add_argument("--grace-s", type=float, help="seconds between the stop signal and the kill: warn when the "
                         "preemption checkpoint needs longer")
     parser.add_argument("--fs-gbps", type=float, default=DEFAULT_FS_GBPS, help="aggregate checkpoint write bandwidth "

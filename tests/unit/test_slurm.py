@@ -16,8 +16,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = sorted((REPO / "slurm").glob("*.sbatch"))
-WRAPPERS = {"rence_70b.sbatch": ("recipes/rence_70b.yaml", 8, 600), "rence_8b.sbatch": ("recipes/rence_8b.yaml", 1, 300),
-            "rence_1p5b.sbatch": ("recipes/rence_1p5b.yaml", 1, 300)}  # recipe, nodes, --signal lead (s)
+WRAPPERS = {"rence_70b.sbatch": ("recipes/rence_70b.yaml", 8, 600),  # recipe, nodes, --signal lead (s)
+            "rence_8b.sbatch": ("recipes/rence_8b.yaml", 1, 300), "rence_1p5b.sbatch": ("recipes/rence_1p5b.yaml", 1, 300)}
 
 FAKE_SRUN = """#!/bin/bash
 echo "$*" >> "$FAKE_LOG/srun.args"
@@ -118,7 +118,8 @@ def test_launch_passes_recipe_overrides_and_rendezvous(fake_slurm):
     assert "--cpus-per-task 16 --grace-s 540" in srun_calls[0]
     assert "--cpus-per-task=16" in srun_calls[1]  # not inherited by srun since Slurm 22.05
     assert "ok        fits" in proc.stdout  # the real planner accepted the 70B layout on 8 x 8
-    assert "checkpoint 987.8 GB: ~198 s to write at 5 GB/s" in proc.stdout and "warning   the preemption" not in proc.stdout
+    assert "checkpoint 987.8 GB: ~198 s to write at 5 GB/s" in proc.stdout
+    assert "warning   the preemption" not in proc.stdout
     assert "--container-image" not in srun_calls[1]
     assert (run_dir / "logs" / "train-4242-0.log").read_text().strip() == "trainer done"
     assert not (log / "scontrol.args").exists()  # finished normally: no requeue
