@@ -1,4 +1,4 @@
-"""Grading worker process: `python -m megatron_rence.rewards.worker READ_FD WRITE_FD PARENT_PID`, started by RewardPool.
+"""Grading worker process: `python -m megatron_rence.rewards.worker READ_FD WRITE_FD PARENT_PID` (RewardPool starts it).
 
 A plain subprocess (not a multiprocessing child) so that it never re-imports the trainer's main module
 (torch, megatron) and starts in the time it takes to import math-verify. Protocol over two pipes of
