@@ -27,7 +27,9 @@ request object ourselves, exactly as that method does, which also lets every cal
   `kill -- -PGID` also signal the engine's scheduler / detokenizer processes: they are created with
   SIGTERM / SIGUSR1 / SIGINT blocked (lifecycle.stop_signals_blocked; the mask is inherited through
   SGLang's spawn and never unblocked there), so the engine lives until the trainer has checkpointed and
-  shuts it down; they die with the trainer (SGLang's own PR_SET_PDEATHSIG). Shutdown kills only the
+  shuts it down; they die with the trainer (SGLang's own PR_SET_PDEATHSIG). (Residual: a stop signal that
+  reaches the trainer in the microseconds while the tokenizer manager's loop handlers are swapped out at
+  engine start is lost.) Shutdown kills only the
   engine's own processes (SGLang's `Engine.shutdown` kills every child, reward workers included).
 """
 from __future__ import annotations
