@@ -1,4 +1,4 @@
-"""Targeted, reversible patches that let megatron-core run on a CPU-only torch build (gloo, fp32, local spec).
+"""Targeted, reversible patches that let megatron-core run on a CPU-only torch build (gloo, local spec, fp32 or bf16).
 
 megatron-core assumes CUDA in a few dozen places (DESIGN.md, "Facts about the stack"). Without CUDA,
 ``apply()`` patches exactly those spots and records every patch so ``restore()`` can undo them:
