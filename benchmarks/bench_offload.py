@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     print(pool_line(args.mem_fraction))
     params, t_par = timed(handoff.offload_params)
     print(device_line("offload params too") + f"  in {t_par:.3f} s: moved "
-          f"{params.get('memory/params_offloaded_gib', 0.0):.3f} GiB")
+          f"{params['memory/params_offloaded_gib']:.3f} GiB")
     print(pool_line(args.mem_fraction))
     _, t_res = timed(handoff.restore)
     print(device_line("restore everything") + f"  in {t_res:.3f} s")

@@ -166,7 +166,8 @@ def sync_weights(run: Run, version: int) -> dict:
     fp8 = run.cfg.rollout.sglang.fp8_weights
     metrics = push_weights(chunks, model_cfg, run.vocab_size, run.engine, version, run.cfg.weights.bucket_bytes,
                            run.pstate, run.engine_ranks, fp8=fp8)
-    metrics.update(offload, **run.handoff.offload_params())
+    metrics.update(offload)
+    metrics.update(run.handoff.offload_params())  # train.offload_params; frees the sync's buffers
     if run.engine is not None:
         run.engine.resume_memory(tags=["kv_cache"])
     if run.cfg.train.debug_check_sync:

@@ -5,7 +5,7 @@ One colocated step (train.py; DESIGN.md "One training step") uses it in this ord
     handoff.offload()          grad buffers freed, optimizer state + fp32 main params -> CPU; gc, empty_cache,
                                ipc_collect                                   (before the engine resumes weights)
     engine.resume_memory(["weights"]); weight sync                           (reads the trainer's parameters)
-    handoff.offload_params()   train.offload_params: parameters -> CPU; gc, empty_cache, ipc_collect
+    handoff.offload_params()   train.offload_params: parameters -> CPU; gc, empty_cache, ipc_collect (always)
     engine.resume_memory(["kv_cache"]); engine.generate(...); engine.release_memory()
     handoff.restore()          parameters, optimizer state, grad buffers back (grad buffers zeroed)
 
@@ -125,17 +125,17 @@ class MemoryHandoff:
         return metrics
 
     def offload_params(self) -> dict:
-        """`train.offload_params`: the policy's (and reference's) parameters to CPU after the weight sync."""
-        if not self.move_params or self.params_offloaded:
-            return {}
+        """After the weight sync, before the KV cache resumes: with `train.offload_params` the policy's (and the
+        reference's) parameters go to CPU; in any case the sync's freed buffers go back to CUDA for the engine."""
         t0 = time.perf_counter()
-        moved = 0
-        for chunks in self._param_owners():
-            moved += self._offload_chunk_params(chunks)
-        self.params_offloaded = True
+        metrics = {}
+        if self.move_params and not self.params_offloaded:
+            moved = sum(self._offload_chunk_params(chunks) for chunks in self._param_owners())
+            self.params_offloaded = True
+            metrics["memory/params_offloaded_gib"] = moved / GiB
         free_cached_memory()
-        metrics = {"perf/offload_params_s": time.perf_counter() - t0, "memory/params_offloaded_gib": moved / GiB}
-        metrics.update(gpu_memory("rollout_trainer"))
+        metrics["perf/offload_params_s"] = time.perf_counter() - t0
+        metrics.update(gpu_memory("rollout_trainer"))  # what the trainer leaves on the GPU for the KV cache
         return metrics
 
     def restore(self) -> dict:
