@@ -41,7 +41,8 @@ def pool_line(fraction: float) -> str:
     if not torch.cuda.is_available():
         return "  -> (no CUDA: no SGLang pool to size)"
     free, _ = torch.cuda.mem_get_info()
-    return f"  -> an SGLang engine started now: static pool {fraction} x {free / GiB:.2f} = {fraction * free / GiB:.2f} GiB"
+    return (f"  -> an SGLang engine started now: static pool {fraction} x {free / GiB:.2f} = "
+            f"{fraction * free / GiB:.2f} GiB")
 
 
 def _live_state(trainer) -> list[torch.Tensor]:

@@ -211,7 +211,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--reserve-gb", type=float, default=6.0,
                         help="GiB per GPU kept free in every phase: CUDA contexts, NCCL, CUDA graphs, fragmentation")
     parser.add_argument("--engine-residue-gb", type=float, default=1.0,
-                        help="GiB per GPU an SGLang engine keeps after releasing its memory (context, NCCL, workspaces)")
+                        help="GiB per GPU an SGLang engine keeps after releasing its memory "
+                             "(context, NCCL, workspaces)")
     parser.add_argument("--grad-dtype", choices=("fp32", "bf16"), default="fp32",
                         help="megatron main-grad buffer dtype (fp32 = grad_reduce_in_fp32)")
     parser.add_argument("--unfused-attention", action="store_true",
@@ -222,7 +223,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if handle_info_flags(args, cfg):
         return 0
     hw = Hardware(nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu_mem_gb=args.gpu_mem_gb,
-                  reserve_gb=args.reserve_gb, engine_residue_gb=args.engine_residue_gb, grad_dtype=args.grad_dtype, flash_attention=not args.unfused_attention)
+                  reserve_gb=args.reserve_gb, engine_residue_gb=args.engine_residue_gb, grad_dtype=args.grad_dtype,
+                  flash_attention=not args.unfused_attention)
     report = plan(cfg, hw)
     if args.json:
         print(json.dumps(to_json(report), indent=2))

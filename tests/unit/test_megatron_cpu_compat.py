@@ -87,7 +87,8 @@ def test_mixed_precision_optimizer_and_offload_on_cpu(fresh_compat):
     from megatron.core.optimizer import OptimizerConfig
     from megatron.core.optimizer import optimizer as mopt
 
-    original_init, original_restore = mopt.Float16OptimizerWithFloat16Params.__init__, mopt.MegatronOptimizer.restore_from_cpu
+    original_init = mopt.Float16OptimizerWithFloat16Params.__init__
+    original_restore = mopt.MegatronOptimizer.restore_from_cpu
     cpu_compat.apply()
     param = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=torch.bfloat16))
     config = OptimizerConfig(optimizer="adam", lr=0.5, bf16=True, params_dtype=torch.bfloat16)
