@@ -113,6 +113,9 @@ class MemoryHandoff:
         if not self.state_offloaded:
             grad_bytes = _grad_buffer_bytes(self.trainer.model)
             opt_bytes = _optimizer_gpu_bytes(self.trainer.optimizer)
+            # drop the main params' .grad (views into the grad buffers) before their .data moves: the next step
+            # zeroes the gradients anyway
+            self.trainer.optimizer.zero_grad(set_to_none=True)
             for chunk in self.trainer.model:
                 chunk.offload_grad_buffers(synchronize=True, empty_cache=False)
             self.trainer.optimizer.offload_to_cpu()
