@@ -193,6 +193,10 @@ class TrainConfig:
     # log-probs of the sampled tokens (the policy that actually sampled, e.g. with FP8 rollout weights), which
     # also skips that forward pass (and the mismatch/* metrics, which compare the two)
     old_logprobs: Literal["trainer", "engine"] = "trainer"
+    # move the trainer's parameters (and the reference's) to CPU after each weight sync until the engine has
+    # released its memory (gradients and optimizer state always leave the GPU during rollout:
+    # megatron/offload.py); frees params bytes per GPU for the KV cache at the cost of two copies per step
+    offload_params: bool = False
 
 
 @dataclass

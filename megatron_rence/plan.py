@@ -112,6 +112,8 @@ def _hints(cfg: Config, phase: str) -> list[str]:
         hints.append("a smaller train.micro_batch_size or train.max_seq_len")
     elif phase == "rollout":
         hints.append("a smaller rollout.sglang.mem_fraction_static")
+        if not cfg.train.offload_params:
+            hints.append("train.offload_params=true")
     else:
         hints.append("a smaller weights.bucket_bytes or a larger rollout.sglang.tp")
     return hints
@@ -137,16 +139,33 @@ def render(report: PlanReport, recipe: str) -> str:
         engine = f"engine    {e.kind} tp={e.tp}, {e.num_engines} engine(s), {e.sequences_per_engine} sequences each"
         if e.kind == "sglang" and e.kv_bytes > 0:
             engine += (f"; KV cache {e.kv_bytes / GiB:.2f} GiB/GPU = {e.kv_tokens:,} tokens "
-                       f"({e.kv_tokens // t.max_seq_len} sequences of {t.max_seq_len})")
+                       f"({e.kv_tokens // t.max_seq_len} sequences of {t.max_seq_len}), "
+                       f"{mem.kv_tokens_after_restart:,} after a restart")
         lines.append(engine)
+        lines.append(f"rollout   trainer keeps {mem.rollout_trainer_resident / GiB:.2f} GiB/GPU during rollout; "
+                     f"a step's sequences at full length need {e.kv_tokens_needed:,} KV tokens per engine")
         lines.extend(_table(mem))
-    lines += [f"warning   {w}" for w in lay.warnings]
+    lines += [f"warning   {w}" for w in lay.warnings + (_kv_warnings(mem) if mem is not None else [])]
     problems = report.problems
     lines += [f"error     {msg}" for msg in problems]
     if not problems:
         lines.append(f"ok        fits: peak {mem.worst.peak / GiB:.1f} GiB of {hw.gpu_mem_gb:g} GiB "
                      f"({mem.worst.peak_phase} phase, pipeline stage {mem.worst.stage})")
     return "\n".join(lines)
+
+
+def _kv_warnings(mem: MemoryPlan) -> list[str]:
+    e = mem.engine
+    if e.kind != "sglang" or e.kv_bytes <= 0:
+        return []
+    out = []
+    if e.kv_tokens < e.kv_tokens_needed:
+        out.append(f"rollout.sglang.mem_fraction_static: the KV cache holds {e.kv_tokens:,} of the "
+                   f"{e.kv_tokens_needed:,} tokens of a step's sequences at full length: SGLang queues the rest")
+    elif mem.kv_tokens_after_restart < e.kv_tokens_needed:
+        out.append(f"rollout.sglang.mem_fraction_static: an engine restarted next to the trainer's rollout residue "
+                   f"holds {mem.kv_tokens_after_restart:,} of the {e.kv_tokens_needed:,} KV tokens a step needs")
+    return out
 
 
 def _count(n: float) -> str:
@@ -176,7 +195,9 @@ def to_json(report: PlanReport) -> dict:
         worst = mem.worst
         out.update(num_params=mem.params.total, padded_vocab=mem.padded_vocab, fits=not report.problems,
                    peak_gib=worst.peak / GiB, peak_phase=worst.peak_phase, worst_stage=worst.stage,
-                   kv_tokens=mem.engine.kv_tokens,
+                   kv_tokens=mem.engine.kv_tokens, kv_tokens_needed=mem.engine.kv_tokens_needed,
+                   kv_tokens_after_restart=mem.kv_tokens_after_restart,
+                   rollout_trainer_resident_gib=mem.rollout_trainer_resident / GiB,
                    items={i.name: i.bytes / GiB for i in worst.items},
                    totals_gib={ph: worst.totals[ph] / GiB for ph in PHASES})
     return out
@@ -189,6 +210,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--gpu-mem-gb", type=float, default=80.0, help="GiB per GPU (default 80: H100 SXM)")
     parser.add_argument("--reserve-gb", type=float, default=6.0,
                         help="GiB per GPU kept free in every phase: CUDA contexts, NCCL, CUDA graphs, fragmentation")
+    parser.add_argument("--engine-residue-gb", type=float, default=1.0,
+                        help="GiB per GPU an SGLang engine keeps after releasing its memory "
+                             "(context, NCCL, workspaces)")
     parser.add_argument("--grad-dtype", choices=("fp32", "bf16"), default="fp32",
                         help="megatron main-grad buffer dtype (fp32 = grad_reduce_in_fp32)")
     parser.add_argument("--unfused-attention", action="store_true",
@@ -200,7 +224,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if handle_info_flags(args, cfg):
         return 0
     hw = Hardware(nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu_mem_gb=args.gpu_mem_gb,
-                  reserve_gb=args.reserve_gb, grad_dtype=args.grad_dtype, flash_attention=not args.unfused_attention)
+                  reserve_gb=args.reserve_gb, engine_residue_gb=args.engine_residue_gb, grad_dtype=args.grad_dtype,
+                  flash_attention=not args.unfused_attention)
     report = plan(cfg, hw)
     if args.json:
         print(json.dumps(to_json(report), indent=2))

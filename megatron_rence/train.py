@@ -38,6 +38,7 @@ class Run:
     reward_pool: Any
     logger: Any  # None except on rank 0
     start_step: int
+    handoff: Any = None  # megatron.offload.MemoryHandoff: the trainer's GPU state around rollout
 
 
 class StopFlag:
@@ -65,6 +66,7 @@ def setup(cfg: Config, resume: bool) -> Run:
     from megatron_rence.data.tokenizer import load_tokenizer
     from megatron_rence.megatron import checkpoint, parallel
     from megatron_rence.megatron.model import build_model
+    from megatron_rence.megatron.offload import MemoryHandoff
     from megatron_rence.megatron.step import Trainer
     from megatron_rence.metrics import MetricsLogger
     from megatron_rence.objectives import get_objective
@@ -80,6 +82,15 @@ def setup(cfg: Config, resume: bool) -> Run:
     if len(tokenizer) > vocab_size:
         raise ConfigError(f"model.vocab_size={vocab_size} is smaller than the tokenizer ({cfg.model.tokenizer}: "
                           f"{len(tokenizer)} tokens)")
+    # the engine starts before the trainer allocates: SGLang sizes its pool as mem_fraction_static of the GPU
+    # memory free at its start (planning/memory.py assumes the same), then rests until the first sync
+    engine_index, num_engines = engine_layout(cfg, pstate.rank, pstate.world_size)
+    engine = reward_pool = None
+    in_group, group = engine_process_group(cfg, pstate.rank, pstate.world_size)
+    if in_group:
+        hf_config = to_hf_config(cfg.model, vocab_size, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        engine = build_engine(cfg, hf_config, tokenizer, group=group)
+        engine.release_memory()
     trainer = Trainer(cfg, build_model(cfg.model, cfg.parallel, vocab_size), pstate, vocab_size,
                       pad_id=tokenizer.pad_token_id)
     objective = get_objective(cfg.objective)
@@ -92,18 +103,17 @@ def setup(cfg: Config, resume: bool) -> Run:
     resuming = resume and checkpoint.latest(ckpt_dir) is not None
     if resume and not resuming:
         print(f"--resume: no checkpoint in {ckpt_dir}; starting from scratch")
+    source = "random init"
     if not resuming or ref_trainer is not None:  # the starting weights are also the reference
-        load_starting_weights(cfg, trainer, vocab_size, pstate)
+        source = load_starting_weights(cfg, trainer, vocab_size, pstate)
     if ref_trainer is not None:
         ref_trainer.copy_weights_from(trainer)
     start_step = resume_from(ckpt_dir, cfg, trainer, ref_trainer, dataset, objective) if resuming else 0
     resume_step = start_step if resuming else None
-    engine_index, num_engines = engine_layout(cfg, pstate.rank, pstate.world_size)
-    engine = reward_pool = None
-    in_group, group = engine_process_group(cfg, pstate.rank, pstate.world_size)
-    if in_group:
-        hf_config = to_hf_config(cfg.model, vocab_size, tokenizer.eos_token_id, tokenizer.pad_token_id)
-        engine = build_engine(cfg, hf_config, tokenizer, group=group)
+    if resuming:
+        source = f"{checkpoint.latest(ckpt_dir)} (checkpoint, resumed)"
+    if pstate.rank == 0:
+        print(f"start: weights from {source} {trainer.precision()}", flush=True)
     if engine_index is not None:
         reward_pool = RewardPool(cfg.reward)
     logger = None
@@ -112,17 +122,23 @@ def setup(cfg: Config, resume: bool) -> Run:
         logger = MetricsLogger(cfg.logging, cfg.train.run_dir, cfg.train.num_steps, start_step, resume_step)
     return Run(cfg, pstate, tokenizer, trainer, ref_trainer, objective, dataset, engine,
                engine_index if engine_index is not None else -1, num_engines,
-               engine_feed_ranks(cfg, pstate.world_size), vocab_size, reward_pool, logger, start_step)
+               engine_feed_ranks(cfg, pstate.world_size), vocab_size, reward_pool, logger, start_step,
+               MemoryHandoff(trainer, ref_trainer, cfg.train.offload_params))
 
 
-def load_starting_weights(cfg: Config, trainer, vocab_size: int, pstate) -> None:
-    """checkpoint.load (weights only), else model.hf_path's safetensors, else the seeded random init stays."""
+def load_starting_weights(cfg: Config, trainer, vocab_size: int, pstate) -> str:
+    """checkpoint.load (weights only), else model.hf_path's safetensors, else the seeded random init stays;
+    returns where the weights came from (for the `start:` line)."""
     if cfg.checkpoint.load:
         trainer.load(cfg.checkpoint.load, weights_only=True)
-    elif cfg.model.hf_path:
+        return f"{cfg.checkpoint.load} (checkpoint)"
+    if cfg.model.hf_path:
         from megatron_rence.weights.convert import init_from_hf
 
         init_from_hf(trainer.model_chunks, cfg.model, vocab_size, pstate)
+        trainer.reload_main_params()  # or the first optimizer step restores the random init (bf16 / fp16)
+        return f"{cfg.model.hf_path} (hf)"
+    return f"random init (train.seed={cfg.train.seed})"
 
 
 def resume_from(ckpt_dir: Path, cfg: Config, trainer, ref_trainer, dataset, objective) -> int:
@@ -144,16 +160,20 @@ def resume_from(ckpt_dir: Path, cfg: Config, trainer, ref_trainer, dataset, obje
 
 
 def sync_weights(run: Run, version: int) -> dict:
-    """Trainer shards -> HF layout buckets -> the engine, in place."""
+    """Trainer shards -> HF layout buckets -> the engine, in place; the trainer's gradients and optimizer
+    state leave the GPU first (and its parameters after, with train.offload_params) until `handoff.restore`."""
     from megatron_rence.phases import check_engine_sync
     from megatron_rence.weights.sync import push_weights
 
+    offload = run.handoff.offload()
     if run.engine is not None:
         run.engine.resume_memory(tags=["weights"])
     chunks, model_cfg = run.trainer.model_chunks, run.cfg.model
     fp8 = run.cfg.rollout.sglang.fp8_weights
     metrics = push_weights(chunks, model_cfg, run.vocab_size, run.engine, version, run.cfg.weights.bucket_bytes,
                            run.pstate, run.engine_ranks, fp8=fp8)
+    metrics.update(offload)
+    metrics.update(run.handoff.offload_params())  # train.offload_params; frees the sync's buffers
     if run.engine is not None:
         run.engine.resume_memory(tags=["kv_cache"])
     if run.cfg.train.debug_check_sync:
@@ -183,6 +203,7 @@ def train_step(run: Run, step: int) -> dict:
     metrics["engine/restarts"] = restarts
     if run.engine is not None:
         run.engine.release_memory()
+    metrics.update(run.handoff.restore())
     metrics.update(train_phase(exp, run.trainer, run.ref_trainer, run.objective, cfg))
     every = cfg.objective.ref_update_every
     if run.ref_trainer is not None and every and step % every == 0:  # semi-online DPO

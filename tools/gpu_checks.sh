@@ -8,7 +8,8 @@
 # `run` installs the carried wheels into /tmp/site, then runs, each with its own time limit and its log in
 # $OUT: the gpu-marked tests, the log-prob benchmark, the train-step benchmark (1B; 3B with full recompute;
 # 7B, which at TP=1 needs ~135 GiB of training state and says so on one GPU), the weight-sync benchmark
-# and the FP8 rollout mismatch (w8 / w8a8) in bf16. Tests that need TE or SGLang skip themselves and say so.
+# the FP8 rollout mismatch (w8 / w8a8) in bf16, and the trainer memory hand-off of a 1.1B bf16 trainer (GiB freed,
+# seconds each way, the SGLang pool an engine would get at each point, a step equal after the round trip). Tests that need TE or SGLang skip themselves and say so.
 # Written without a GPU to try it on: expect to adjust it in the first session that has one.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -40,7 +41,8 @@ run)
   step bench_train_7b 20 python3 benchmarks/bench_train_step.py --size 7b --seqs 8 --steps 2  # states why not
   step bench_weight_sync 60 python3 benchmarks/bench_weight_sync.py --device cuda --tp 1 --dtype bf16
   step bench_fp8_mismatch 45 python3 benchmarks/bench_fp8_mismatch.py --device cuda --dtype bf16 \
-    --shape qwen2.5-0.5b --prompts 16 --new-tokens 128 ;;
+    --shape qwen2.5-0.5b --prompts 16 --new-tokens 128
+  step bench_offload_1b 90 python3 benchmarks/bench_offload.py --size 1b --seqs 8 --seq-len 256 ;;
 *)
   echo "usage: bash tools/gpu_checks.sh fetch|run" >&2; exit 2 ;;
 esac

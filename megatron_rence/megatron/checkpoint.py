@@ -281,6 +281,8 @@ def load(path: PathLike, model_chunks: list, optimizer=None, scheduler=None) -> 
         chunk.load_state_dict(loaded[key], strict=True)
     if "optimizer" in request:
         optimizer.load_state_dict(loaded["optimizer"])
+    elif optimizer is not None:  # saved before the first step: mixed-precision main params from the loaded weights
+        optimizer.reload_model_params()
     if scheduler is not None:
         if "scheduler" not in loaded:
             raise ValueError(f"checkpoint {ckpt} has no LR scheduler state (saved weights only)")

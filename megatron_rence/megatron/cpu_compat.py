@@ -1,4 +1,4 @@
-"""Targeted, reversible patches that let megatron-core run on a CPU-only torch build (gloo, fp32, local spec).
+"""Targeted, reversible patches that let megatron-core run on a CPU-only torch build (gloo, local spec, fp32 or bf16).
 
 megatron-core assumes CUDA in a few dozen places (DESIGN.md, "Facts about the stack"). Without CUDA,
 ``apply()`` patches exactly those spots and records every patch so ``restore()`` can undo them:
@@ -13,7 +13,13 @@ megatron-core assumes CUDA in a few dozen places (DESIGN.md, "Facts about the st
   ``model_parallel_cuda_manual_seed`` and activation recomputation work;
 * gradient clipping's ``assert grad.type() == 'torch.cuda.FloatTensor'`` is replaced by a CPU version;
 * ``LanguageModule.setup_embeddings_and_output_layer`` (tied embeddings under PP) runs with
-  ``Tensor.cuda()`` as the identity.
+  ``Tensor.cuda()`` as the identity;
+* mixed precision (bf16 / fp16 models): ``Float16OptimizerWithFloat16Params.__init__`` sorts parameters by
+  ``param.type() in ['torch.cuda.BFloat16Tensor', ...]`` and raises TypeError for CPU tensors: it runs with
+  ``Tensor.type()`` naming a CPU tensor's CUDA counterpart, so bf16 CPU parameters get fp32 main params;
+* ``MegatronOptimizer.restore_from_cpu`` (the RL offload) moves state back with ``.cuda()``: on CPU it moves
+  it to ``torch.cuda.current_device()`` (= CPU, so nothing moves; ``offload_to_cpu`` already skips
+  non-CUDA tensors).
 
 ``apply()`` is a no-op when ``torch.cuda.is_available()``. The model config needs CPU settings as well:
 see ``cpu_config_overrides()``.
@@ -54,11 +60,10 @@ def is_applied() -> bool:
 
 
 def cpu_config_overrides() -> dict:
-    """TransformerConfig fields a CPU run needs (no fused CUDA kernels, CPU init, fp32)."""
+    """TransformerConfig fields a CPU run needs (no fused CUDA kernels, CPU init); the dtype is the recipe's."""
     return dict(gradient_accumulation_fusion=False, bias_activation_fusion=False,
                 masked_softmax_fusion=False, persist_layer_norm=False, bias_dropout_fusion=False,
-                apply_rope_fusion=False, use_cpu_initialization=True, params_dtype=torch.float32,
-                bf16=False, fp16=False)
+                apply_rope_fusion=False, use_cpu_initialization=True)
 
 
 def _is_cuda_device(device) -> bool:
@@ -177,6 +182,44 @@ def _without_cuda_copies(fn: Callable) -> Callable:
     return wrapper
 
 
+def _with_cuda_type_names(fn: Callable) -> Callable:
+    """Run `fn` with `Tensor.type()` (no arguments) of a CPU tensor returning its CUDA name
+    ("torch.BFloat16Tensor" -> "torch.cuda.BFloat16Tensor"): megatron sorts parameters by those names."""
+
+    def wrapper(*args, **kwargs):
+        original = torch.Tensor.type
+
+        def type_(self, *a, **k):
+            name = original(self, *a, **k)
+            if a or k or self.device.type != "cpu":
+                return name
+            return name.replace("torch.", "torch.cuda.", 1)
+
+        torch.Tensor.type = type_
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.Tensor.type = original
+
+    wrapper.__wrapped__ = fn
+    return wrapper
+
+
+def _restore_from_cpu(self) -> None:
+    """megatron's MegatronOptimizer.restore_from_cpu with `.cuda()` replaced by the current device (CPU)."""
+    if getattr(self, "optimizer", None) is None or getattr(self, "is_stub_optimizer", False):
+        return
+    device = torch.cuda.current_device()
+    for group in self.optimizer.param_groups:
+        for p in group["params"]:
+            if isinstance(p, torch.Tensor):
+                p.data = p.data.to(device)
+    for state in self.optimizer.state.values():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                state[key] = value.to(device)
+
+
 def _patch(owner, name: str, value) -> None:
     _patches.append((owner, name, getattr(owner, name, _MISSING)))
     setattr(owner, name, value)
@@ -215,6 +258,11 @@ def apply(force: bool = False) -> bool:
     language_module = importlib.import_module("megatron.core.models.common.language_module.language_module")
     owner = language_module.LanguageModule
     _patch(owner, "setup_embeddings_and_output_layer", _without_cuda_copies(owner.setup_embeddings_and_output_layer))
+
+    optimizer = importlib.import_module("megatron.core.optimizer.optimizer")
+    fp16 = optimizer.Float16OptimizerWithFloat16Params
+    _patch(fp16, "__init__", _with_cuda_type_names(fp16.__init__))
+    _patch(optimizer.MegatronOptimizer, "restore_from_cpu", _restore_from_cpu)
 
     for name in _CLIP_MODULES:
         module = _import(name)

@@ -1,7 +1,8 @@
 """megatron-core GPTModel chunks from the recipe's model section (Llama-3, Qwen2.5, Qwen3).
 
-On GPU the Transformer Engine layer spec in BF16 (FP8 through TE when ``model.fp8`` is set); without CUDA
-the local layer spec in fp32 with the settings ``cpu_compat`` needs. One chunk per virtual pipeline stage.
+On GPU the Transformer Engine layer spec (FP8 through TE when ``model.fp8`` is set); without CUDA the local
+layer spec with the settings ``cpu_compat`` needs. Parameters are in ``model.dtype`` on both (bf16 on CPU runs
+megatron's mixed-precision optimizer with fp32 main params, as on a GPU). One chunk per virtual pipeline stage.
 The returned chunks are bare ``GPTModel`` modules: DDP wrapping belongs to the optimizer (``step.py``).
 """
 from __future__ import annotations
@@ -41,7 +42,7 @@ def transformer_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, use
     from megatron.core.transformer import TransformerConfig
 
     m, p = model_cfg, parallel_cfg
-    dtype = _DTYPES[m.dtype] if use_cuda else torch.float32
+    dtype = _DTYPES[m.dtype]
     fields = dict(
         num_layers=m.num_layers, hidden_size=m.hidden_size, ffn_hidden_size=m.ffn_hidden_size,
         num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups,

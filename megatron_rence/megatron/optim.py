@@ -5,8 +5,11 @@
     scheduler = build_scheduler(optim_cfg, optimizer, total_steps)
 
 On GPU with ``parallel.distributed_optimizer`` the optimizer is megatron's DistributedOptimizer (state sharded
-over data-parallel ranks); otherwise megatron's non-distributed optimizer (FP32Optimizer on CPU / fp32,
-Float16Optimizer for bf16/fp16), which works on CPU over gloo. The distributed optimizer needs CUDA tensors.
+over data-parallel ranks); otherwise megatron's non-distributed optimizer (FP32Optimizer for fp32,
+Float16OptimizerWithFloat16Params for bf16/fp16: fp32 main params copied from the model when it is built),
+which works on CPU over gloo (``cpu_compat``). The distributed optimizer needs CUDA tensors.
+Mixed precision: after changing parameters outside the optimizer, call ``optimizer.reload_model_params()``,
+or the next step writes the stale fp32 main params back into the model.
 
 The schedule is megatron's ``OptimizerParamScheduler`` shifted by one step so that optimizer step ``n``
 (1-based) runs at ``lr(n)``: linear warmup ``lr * n / lr_warmup_steps`` for ``n <= lr_warmup_steps``, then
@@ -75,11 +78,11 @@ def wrap_ddp(model_chunks: list, parallel_cfg: ParallelConfig, use_cuda: bool) -
 
 
 def optimizer_config(optim_cfg: OptimConfig, model_cfg: ModelConfig, parallel_cfg: ParallelConfig, use_cuda: bool):
-    """megatron's OptimizerConfig for the recipe (fp32 everywhere on CPU; the model's dtype on GPU)."""
+    """megatron's OptimizerConfig for the recipe (the model's dtype, on CPU as on GPU)."""
     from megatron.core.optimizer import OptimizerConfig
 
     o = optim_cfg
-    dtype = model_cfg.dtype if use_cuda else "fp32"
+    dtype = model_cfg.dtype
     params_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     return OptimizerConfig(
         optimizer="adam", decoupled_weight_decay=o.optimizer == "adamw",
@@ -130,3 +133,10 @@ def build_scheduler(optim_cfg: OptimConfig, optimizer, decay_steps: int):
 def current_lr(optimizer) -> float:
     """The learning rate the next optimizer step uses (first parameter group; all groups share the schedule)."""
     return float(optimizer.param_groups[0]["lr"])
+
+
+def main_params_dtype(optimizer) -> str:
+    """The dtype of the tensors the optimizer updates ("fp32" main params for bf16 / fp16 models)."""
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    dtypes = {names[p.dtype] for group in optimizer.param_groups for p in group["params"]}
+    return "/".join(sorted(dtypes)) or "none"

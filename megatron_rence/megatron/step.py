@@ -370,9 +370,24 @@ class Trainer:
         """Load `path` (a checkpoint root -> its latest, or one iter_* dir); returns the saved run state."""
         state = checkpoint.load(path, self.model_chunks, None if weights_only else self.optimizer,
                                 None if weights_only else self.scheduler)
-        if weights_only and self.optimizer is not None:
-            self.optimizer.reload_model_params()  # mixed precision: fp32 main params from the loaded weights
+        if weights_only:
+            self.reload_main_params()
         return state
+
+    def reload_main_params(self) -> None:
+        """Call after changing the parameters outside the optimizer (HF load, checkpoint weights, copies):
+        megatron's mixed-precision optimizers copied fp32 main params when they were built and write them
+        back after every step, which would silently undo the change."""
+        if self.optimizer is not None:
+            self.optimizer.reload_model_params()
+
+    def precision(self) -> str:
+        """"params=<dtype> main_params=<dtype>": the model's parameters and the tensors its optimizer updates
+        (fp32 main params for a bf16 / fp16 model; "none" for a frozen trainer)."""
+        dtype = str(next(self.model_chunks[0].parameters()).dtype).replace("torch.", "")
+        dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(dtype, dtype)
+        main = optim.main_params_dtype(self.optimizer) if self.optimizer is not None else "none"
+        return f"params={dtype} main_params={main}"
 
     @torch.no_grad()
     def copy_weights_from(self, other: "Trainer") -> None:
@@ -381,6 +396,7 @@ class Trainer:
             for (name, p), (other_name, q) in zip(mine.named_parameters(), theirs.named_parameters(), strict=True):
                 assert name == other_name, (name, other_name)
                 p.copy_(q)
+        self.reload_main_params()
 
     def any_rank(self, flag: bool) -> bool:
         """True on every rank if `flag` is True on any rank (e.g. a signal that reached one process)."""

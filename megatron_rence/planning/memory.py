@@ -1,31 +1,50 @@
 """Per-GPU memory of a colocated run: trainer states, activations, the rollout engine, per phase and at the peak.
 
-The model (all figures are per GPU, for the worst pipeline stage; 1 GiB = 2**30 bytes):
+The model follows what the code does in each phase (train.py, megatron/offload.py); all figures are per GPU,
+for the worst pipeline stage; 1 GiB = 2**30 bytes:
 
-  trainer, resident in every phase
-    weights      params_on_rank * dtype bytes (bf16/fp16: 2, fp32: 4)
-    gradients    params_on_rank * grad bytes (megatron's fp32 main-grad buffer by default; --grad-dtype bf16)
+  trainer (megatron/offload.py: gradients and optimizer state leave the GPU before each weight sync and come
+  back after the engine released its memory; parameters too after the sync with train.offload_params)
+    weights      params_on_rank * dtype bytes (bf16/fp16: 2, fp32: 4): train, sync, and rollout unless
+                 train.offload_params
+    gradients    params_on_rank * grad bytes (megatron's fp32 main-grad buffer by default; --grad-dtype bf16):
+                 train only (offload_grad_buffers frees the storage)
     optimizer    Adam: fp32 master copy (when weights are 16-bit) + exp_avg + exp_avg_sq = 12 (or 8) bytes per
                  param; the distributed optimizer shards them over the data-parallel group with context
-                 parallel (dp * cp); table "distributed optimizer" in megatron's docs: 6 + 12/d for bf16
-    reference    a second copy of the weights when the objective needs a reference policy (KL, online DPO)
-    fp8 cache    FP8 training keeps FP8 copies (and transposes) of linear weights: 2 bytes per linear param
+                 parallel (dp * cp); table "distributed optimizer" in megatron's docs: 6 + 12/d for bf16:
+                 train only (offload_to_cpu)
+    reference    a second copy of the weights when the objective needs a reference policy (KL, online DPO):
+                 train, and rollout / sync unless train.offload_params
+    fp8 cache    FP8 training keeps FP8 copies (and transposes) of linear weights: 2 bytes per linear param,
+                 every phase (not offloaded)
   trainer, training phase only
     activations  ``activations.stage_activation_bytes`` (Korthikanti et al. 2022 per layer, pipeline in-flight)
     log-probs    last stage: output-layer logits [tokens, V/tp] and their gradient (16-bit each) plus one fp32
                  working chunk of at most 256 MiB (``megatron.logprobs``), plus the final-norm/output inputs
   engine (SGLang, colocated at rollout.sglang.tp)
-    static pool  mem_fraction_static * GPU memory, SGLang's own definition: engine weights + KV cache
+    static pool  mem_fraction_static * GPU memory free when the engine starts (sglang model_runner:
+                 KV = free_after_weights - free_at_start * (1 - fraction) = fraction * free_at_start - weights).
+                 train.py starts the engine before the trainer allocates anything (then releases it until the
+                 first sync), so free_at_start is the whole GPU (its CUDA context is in the reserve). An engine
+                 restarted after a crash starts during rollout, next to the trainer's rollout residue:
+                 fraction * (GPU - residue), reported as kv_tokens_after_restart.
     weights      params * 2 bytes / engine tp (linear weights at 1 byte with rollout.sglang.fp8_weights)
     KV cache     static pool - engine weights; tokens = KV bytes / (2 * layers * kv_heads_per_rank * head_dim * 2)
     released     with rollout.sglang.enable_memory_saver the engine frees weights and KV during training and
                  weight sync (torch_memory_saver); without it the whole static pool stays
-  reserve        --reserve-gb in every phase: CUDA contexts of both processes, NCCL buffers, SGLang's CUDA
-                 graphs and forward activations, allocator fragmentation
+    residue      --engine-residue-gb in every phase: what release_memory_occupation does not free (the
+                 scheduler's CUDA context, NCCL / custom all-reduce buffers, attention workspaces; an estimate
+                 until measured with SGLang on a GPU)
+    KV needed    every sequence of a step at full length at once: prompts_per_step * num_samples *
+                 (data.max_prompt_len + rollout.max_new_tokens) / number of engines (kv_tokens_needed)
+  reserve        --reserve-gb in every phase: CUDA contexts, NCCL buffers, SGLang's CUDA graphs and forward
+                 activations, allocator fragmentation
 
-  phases: rollout = resident + engine static pool + reserve
-          train   = resident + activations + log-probs + (static pool if not released) + reserve
-          sync    = resident + engine weights + 2 * weights.bucket_bytes + (KV if not released) + reserve
+  phases: rollout = trainer residue (weights, reference) + engine static pool + engine residue + reserve
+          sync    = trainer weights (+ reference) + engine weights + 2 * weights.bucket_bytes
+                    + (KV if not released) + engine residue + reserve
+          train   = trainer weights + gradients + optimizer + activations + log-probs
+                    + (static pool if not released) + engine residue + reserve
   peak = max over phases; the run fits when peak <= GPU memory.
 
 With the transformers engine (CPU runs) the engine holds a full copy of the weights and a KV cache that
@@ -55,6 +74,7 @@ class Hardware:
     gpus_per_node: int = 8
     gpu_mem_gb: float = 80.0  # GiB per GPU
     reserve_gb: float = 6.0  # GiB per GPU kept out of every phase
+    engine_residue_gb: float = 1.0  # GiB per GPU the SGLang process keeps after releasing its memory
     grad_dtype: Literal["fp32", "bf16"] = "fp32"
     flash_attention: bool = True
 
@@ -69,6 +89,7 @@ class Item:
     bytes: float
     phases: tuple[str, ...]
     note: str = ""
+    trainer: bool = False  # the trainer's (counted in rollout_trainer_resident)
 
 
 @dataclass
@@ -83,10 +104,15 @@ class EngineInfo:
     kv_bytes_per_token: float  # per GPU of the engine
     sequences_per_engine: int
     model_bytes: float  # the whole model in the engine's dtype (what one full weight sync moves)
+    kv_tokens_needed: int = 0  # every sequence of a step at full length at once, per engine
+    pool_fraction: float = 0.0  # SGLang mem_fraction_static (0: no static pool)
 
     @property
     def kv_tokens(self) -> int:
-        return int(self.kv_bytes // self.kv_bytes_per_token) if self.kv_bytes > 0 else 0
+        return self.tokens_in(self.kv_bytes)
+
+    def tokens_in(self, kv_bytes: float) -> int:
+        return int(kv_bytes // self.kv_bytes_per_token) if kv_bytes > 0 else 0
 
 
 @dataclass
@@ -124,6 +150,20 @@ class MemoryPlan:
     def fits(self) -> bool:
         return self.worst.peak <= self.gpu_bytes and self.engine.kv_bytes > 0
 
+    @property
+    def rollout_trainer_resident(self) -> float:
+        """Bytes the trainer keeps on a GPU during rollout (the most over pipeline stages)."""
+        return max(sum(i.bytes for i in s.items if i.trainer and "rollout" in i.phases) for s in self.stages)
+
+    @property
+    def kv_tokens_after_restart(self) -> int:
+        """KV tokens per engine GPU of an engine restarted during rollout (it starts next to the trainer's
+        rollout residue: its pool is mem_fraction_static of what is left); 0 for engines without a pool."""
+        e = self.engine
+        if e.kind != "sglang":
+            return 0
+        return e.tokens_in(e.pool_fraction * (self.gpu_bytes - self.rollout_trainer_resident) - e.weights_bytes)
+
 
 def needs_reference(cfg: Config) -> bool:
     o = cfg.objective
@@ -145,12 +185,13 @@ def padded_seq_len(cfg: Config) -> int:
 def engine_info(cfg: Config, hw: Hardware, params: ModelParams, on_cpu: bool) -> EngineInfo:
     m, r = cfg.model, cfg.rollout
     sequences = r.prompts_per_step * r.num_samples
+    step_tokens = sequences * (cfg.data.max_prompt_len + r.max_new_tokens)
     if r.engine == "hf":  # one transformers engine per rank, full weights, KV grows with its sequences
         act = 4 if on_cpu else _DTYPE_BYTES[m.dtype]
         per_token = 2 * m.num_layers * m.num_query_groups * m.head_dim * act
         share = -(-sequences // hw.world_size)
         return EngineInfo("hf", 1, hw.world_size, params.total * act, share * cfg.train.max_seq_len * per_token,
-                          per_token, share, params.total * act)
+                          per_token, share, params.total * act, -(-step_tokens // hw.world_size))
     tp = r.sglang.tp
     linear_bytes = 1 if r.sglang.fp8_weights else 2
     weights = ((params.total - params.linear) * 2 + params.linear * linear_bytes) / tp
@@ -158,7 +199,8 @@ def engine_info(cfg: Config, hw: Hardware, params: ModelParams, on_cpu: bool) ->
     per_token = 2 * m.num_layers * kv_heads * m.head_dim * 2
     kv = r.sglang.mem_fraction_static * hw.gpu_mem_gb * GiB - weights
     engines = hw.world_size // tp
-    return EngineInfo("sglang", tp, engines, weights, kv, per_token, -(-sequences // engines), weights * tp)
+    return EngineInfo("sglang", tp, engines, weights, kv, per_token, -(-sequences // engines), weights * tp,
+                      -(-step_tokens // engines), r.sglang.mem_fraction_static)
 
 
 def memory_plan(cfg: Config, hw: Hardware, vocab_size: int, dp: int, num_microbatches: int,
@@ -182,7 +224,7 @@ def memory_plan(cfg: Config, hw: Hardware, vocab_size: int, dp: int, num_microba
             items.append(Item("log-probs (logits)", _logits_bytes(tokens, padded // p.tp, m.hidden_size, p,
                                                                   dtype_bytes), ("train",),
                               f"[{tokens}, {padded // p.tp}] logits + grad + fp32 chunk"))
-        items.extend(_engine_items(cfg, engine))
+        items.extend(_engine_items(cfg, hw, engine))
         items.append(Item("reserve", hw.reserve_gb * GiB, PHASES, "CUDA contexts, NCCL, CUDA graphs, fragmentation"))
         stages.append(StageMemory(sp.stage, items))
     return MemoryPlan(params, padded, tokens, engine, stages, hw.gpu_mem_gb * GiB)
@@ -193,18 +235,26 @@ def _trainer_items(cfg: Config, hw: Hardware, n: int, dp: int, dtype_bytes: int,
     grad_bytes = 4 if (on_cpu or hw.grad_dtype == "fp32") else 2
     opt_bytes = 8 if dtype_bytes == 4 else 12
     shard = dp * p.cp if p.distributed_optimizer else 1
+    moved = cfg.train.offload_params
+    weight_phases = ("train", "sync") if moved else PHASES
     items = [
-        Item("weights", n * dtype_bytes, PHASES, f"{n / 1e9:.3f} B params on this GPU"),
-        Item("gradients", n * grad_bytes, PHASES, "fp32 main grads" if grad_bytes == 4 else "bf16 grads"),
-        Item("optimizer", n * opt_bytes / shard, PHASES,
-             f"Adam {opt_bytes} B/param" + (f", sharded over dp*cp={shard}" if shard > 1 else "")),
+        Item("weights", n * dtype_bytes, weight_phases, f"{n / 1e9:.3f} B params on this GPU"
+             + (", on CPU during rollout (train.offload_params)" if moved else ""), trainer=True),
+        Item("gradients", n * grad_bytes, ("train",), ("fp32 main grads" if grad_bytes == 4 else "bf16 grads")
+             + ", freed during rollout and sync", trainer=True),
+        Item("optimizer", n * opt_bytes / shard, ("train",),
+             f"Adam {opt_bytes} B/param" + (f", sharded over dp*cp={shard}" if shard > 1 else "")
+             + ", on CPU during rollout and sync", trainer=True),
     ]
     if needs_reference(cfg):
-        items.append(Item("reference weights", n * dtype_bytes, PHASES, "reference policy kept on the GPU"))
+        items.append(Item("reference weights", n * dtype_bytes, ("train",) if moved else PHASES,
+                          "reference policy" + (", on CPU outside training" if moved else " kept on the GPU"),
+                          trainer=True))
     if m.fp8 is not None and not on_cpu:
         lp = layer_params(m)
         linear = (m.num_layers // p.pp) * (lp.attention + lp.mlp) // p.tp  # the layers' GEMM weights on this rank
-        items.append(Item("fp8 weight cache", linear * 2, PHASES, "FP8 copy + transpose of linear weights"))
+        items.append(Item("fp8 weight cache", linear * 2, PHASES, "FP8 copy + transpose of linear weights",
+                          trainer=True))
     return items
 
 
@@ -215,7 +265,7 @@ def _logits_bytes(tokens: int, vocab_per_rank: int, hidden: int, p, act_bytes: i
     return 2 * logits + chunk + head_inputs
 
 
-def _engine_items(cfg: Config, e: EngineInfo) -> list[Item]:
+def _engine_items(cfg: Config, hw: Hardware, e: EngineInfo) -> list[Item]:
     bucket = min(cfg.weights.bucket_bytes, e.model_bytes)  # a bucket never holds more than the whole model
     buckets = Item("weight-sync buckets", 2 * bucket, ("sync",), "gathered bucket + engine copy")
     if e.kind == "hf":
@@ -227,6 +277,8 @@ def _engine_items(cfg: Config, e: EngineInfo) -> list[Item]:
         Item("engine weights", e.weights_bytes, ("rollout", "sync") if released else PHASES,
              f"sglang tp={e.tp}" + (", fp8" if cfg.rollout.sglang.fp8_weights else "")),
         Item("engine KV cache", max(e.kv_bytes, 0.0), ("rollout",) if released else PHASES,
-             f"mem_fraction_static={cfg.rollout.sglang.mem_fraction_static} minus engine weights"),
+             f"mem_fraction_static={cfg.rollout.sglang.mem_fraction_static} x GPU minus engine weights"),
+        Item("engine residue", hw.engine_residue_gb * GiB, PHASES,
+             "context, NCCL, workspaces: not freed by release (estimate)"),
         buckets,
     ]

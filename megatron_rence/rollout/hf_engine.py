@@ -41,7 +41,9 @@ class HFEngine:
         self.hf_config = hf_config
         self.tokenizer = tokenizer
         self.device = torch.device(device)
-        self.model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype).to(self.device).eval()
+        with torch.random.fork_rng(devices=[]):  # its random init (replaced by the first sync) must not move the
+            # global CPU generator: the engine is built before the trainer, whose CPU init draws from it
+            self.model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype).to(self.device).eval()
         self.model.requires_grad_(False)
         self.params = dict(self.model.named_parameters())
         self.tied = bool(getattr(hf_config, "tie_word_embeddings", False))

@@ -76,3 +76,49 @@ def test_cli_run_from_hf_path(hf_dir, tmp_path):
     resolved = (run_dir / "config.yaml").read_text()
     assert "hidden_size: 48" in resolved and "arch: qwen2" in resolved
     assert (run_dir / "checkpoints" / "latest").is_file()
+
+
+@pytest.fixture(scope="module")
+def hf_bf16_dir(tmp_path_factory):
+    """A tiny Llama checkpoint saved in bf16 (so the bf16 trainer holds it exactly) with the synthetic tokenizer."""
+    out = tmp_path_factory.mktemp("hf_bf16")
+    tokenizer = build_synthetic_tokenizer()
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=64, tie_word_embeddings=False,
+                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(7)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.to(torch.bfloat16).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_bf16_run_keeps_the_hf_weights_with_lr_0(hf_bf16_dir, tmp_path):
+    """Mixed precision on CPU: bf16 parameters, megatron's Float16Optimizer with fp32 main params. With lr=0 two
+    optimizer steps must leave the HF weights exactly as loaded; main params copied before the HF load (the
+    optimizer is built first) would write the random init back at the first step."""
+    from safetensors.torch import load_file
+
+    run_dir, export = tmp_path / "run", tmp_path / "export"
+    cmd = [sys.executable, "-m", "megatron_rence.train", "recipes/demo_cpu.yaml", f"model.hf_path={hf_bf16_dir}",
+           f"model.tokenizer={hf_bf16_dir}", "model.dtype=bf16", "optim.lr=0.0", f"train.run_dir={run_dir}",
+           "train.num_steps=2", "checkpoint.every=0", "rollout.prompts_per_step=4", "rollout.num_samples=4",
+           "train.global_batch_size=16", "train.micro_batch_size=8", "logging.tensorboard=false",
+           "logging.progress_bar=false", "logging.plot=false", "reward.num_workers=1"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"start: weights from {hf_bf16_dir} (hf) params=bf16 main_params=fp32" in proc.stdout, proc.stdout[-2000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert [r["train/optimizer_steps"] for r in records] == [1.0, 1.0]  # both steps really ran the optimizer
+    exported = subprocess.run([sys.executable, "tools/export_megatron_to_hf.py", str(run_dir / "checkpoints"),
+                               str(export)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert exported.returncode == 0, exported.stdout[-3000:] + exported.stderr[-3000:]
+    want, got = load_file(hf_bf16_dir / "model.safetensors"), load_file(export / "model.safetensors")
+    assert sorted(got) == sorted(want)
+    for name, tensor in want.items():
+        assert got[name].dtype == torch.bfloat16 and torch.equal(got[name], tensor), name

@@ -76,4 +76,40 @@ def test_cpu_config_overrides_disable_fused_kernels():
     for key in ("gradient_accumulation_fusion", "bias_activation_fusion", "masked_softmax_fusion",
                 "persist_layer_norm"):
         assert overrides[key] is False
-    assert overrides["use_cpu_initialization"] is True and overrides["params_dtype"] == torch.float32
+    assert overrides["use_cpu_initialization"] is True
+    assert not {"params_dtype", "bf16", "fp16"} & set(overrides)  # the recipe's model.dtype decides, as on GPU
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="patches are for CPU-only machines")
+def test_mixed_precision_optimizer_and_offload_on_cpu(fresh_compat):
+    """bf16 CPU parameters get megatron's Float16 optimizer with fp32 main params; its RL offload / restore runs
+    on CPU (state stays put); restore() gives back the originals."""
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.optimizer import optimizer as mopt
+
+    original_init = mopt.Float16OptimizerWithFloat16Params.__init__
+    original_restore = mopt.MegatronOptimizer.restore_from_cpu
+    cpu_compat.apply()
+    param = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=torch.bfloat16))
+    config = OptimizerConfig(optimizer="adam", lr=0.5, bf16=True, params_dtype=torch.bfloat16)
+    opt = mopt.Float16OptimizerWithFloat16Params(torch.optim.Adam([param], lr=0.5), config, None, lambda o, c: None)
+    (main,) = opt.fp32_from_float16_groups[0]
+    assert main.dtype == torch.float32 and torch.equal(main, param.detach().float()) and param.main_param is main
+    with torch.no_grad():
+        param.copy_(torch.tensor([3.0, 3.0, 3.0]))
+    opt.reload_model_params()  # what Trainer.reload_main_params does after an HF load
+    assert torch.equal(main, torch.full((3,), 3.0))
+    main.grad = torch.tensor([1.0, -1.0, 0.0])
+    opt.optimizer.step()  # the inner Adam updates the fp32 main params (megatron's step adds the TP/DP reductions)
+    opt._copy_main_params_to_model_params()  # what megatron's step does next
+    assert not torch.equal(main.detach(), torch.full((3,), 3.0))
+    assert torch.equal(param.detach(), main.detach().to(torch.bfloat16))  # main params written back
+    moments = {k: v.clone() for k, v in opt.optimizer.state[main].items()}
+    opt.offload_to_cpu()
+    opt.restore_from_cpu()
+    assert all(torch.equal(opt.optimizer.state[main][k], v) for k, v in moments.items())
+    assert "Float16OptimizerWithFloat16Params.__init__" in cpu_compat.patched()
+    cpu_compat.restore()
+    assert mopt.Float16OptimizerWithFloat16Params.__init__ is original_init
+    assert mopt.MegatronOptimizer.restore_from_cpu is original_restore
+    assert param.type() == "torch.BFloat16Tensor"  # Tensor.type is only renamed inside the optimizer's __init__

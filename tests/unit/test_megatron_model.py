@@ -3,6 +3,7 @@
 The Megatron -> HF weight layout here is a small test-side mapping (the product's mapping lives in
 weights/mapping); it encodes DESIGN.md's layout facts: QKV interleaved per query group, fc1 = [gate; up].
 """
+import dataclasses
 import sys
 import types
 from typing import Optional
@@ -126,10 +127,13 @@ def test_padded_vocab_size_and_config_errors():
         build_model(VARIANTS["llama3.1"][1], ParallelConfig(), 0)
 
 
-def test_cpu_config_is_fp32_without_fusions():
+def test_cpu_config_takes_the_model_dtype_without_fusions():
     cfg = transformer_config(VARIANTS["llama3.1"][1], ParallelConfig(recompute="full", recompute_num_layers=2),
                              use_cuda=False)
     assert cfg.params_dtype == torch.float32 and not cfg.bf16 and cfg.use_cpu_initialization
+    bf16 = transformer_config(dataclasses.replace(VARIANTS["llama3.1"][1], dtype="bf16"), ParallelConfig(),
+                              use_cuda=False)
+    assert bf16.params_dtype == torch.bfloat16 and bf16.bf16 and bf16.pipeline_dtype == torch.bfloat16
     assert not cfg.gradient_accumulation_fusion and not cfg.masked_softmax_fusion
     assert cfg.recompute_granularity == "full" and cfg.recompute_num_layers == 2
     assert cfg.gated_linear_unit and cfg.normalization == "RMSNorm" and not cfg.add_bias_linear

@@ -108,7 +108,7 @@ def test_memory_on_a_tiny_config_by_hand(tmp_path):
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY))
     cfg = load_recipe(tmp_path / "tiny.yaml")
     gib = 1024 ** 3
-    hw = Hardware(nodes=1, gpus_per_node=1, gpu_mem_gb=1.0, reserve_gb=0.0)
+    hw = Hardware(nodes=1, gpus_per_node=1, gpu_mem_gb=1.0, reserve_gb=0.0, engine_residue_gb=0.0)
     mem = memory_plan(cfg, hw, vocab_size=100, dp=1, num_microbatches=2)
     (stage,) = mem.stages
     items = {i.name: i.bytes for i in stage.items}
@@ -125,10 +125,26 @@ def test_memory_on_a_tiny_config_by_hand(tmp_path):
     assert items["engine KV cache"] == 0.5 * gib - 272000
     assert mem.engine.kv_bytes_per_token == 2 * 2 * 2 * 16 * 2 and mem.engine.kv_tokens == int((0.5 * gib - 272000) // 256)
     assert items["weight-sync buckets"] == 2 * 272000  # a bucket never exceeds the whole model
-    resident = rank * (2 + 4 + 12)
-    assert stage.totals == {"rollout": resident + 0.5 * gib, "train": resident + 2 * 2448 * 64 + 69632,
-                            "sync": resident + 272000 + 544000}
-    assert mem.fits and stage.peak_phase == "rollout"
+    # rollout and sync: gradients and optimizer state are off the GPU (megatron/offload.py), weights stay
+    assert stage.totals == {"rollout": rank * 2 + 0.5 * gib, "train": rank * (2 + 4 + 12) + 2 * 2448 * 64 + 69632,
+                            "sync": rank * 2 + 272000 + 544000}
+    assert mem.fits and stage.peak_phase == "rollout" and mem.rollout_trainer_resident == rank * 2
+    # every sequence of a step at full length: 2 prompts x 2 samples x (512 prompt + 16 new tokens), one engine
+    assert mem.engine.kv_tokens_needed == 4 * (512 + 16)
+    # an engine restarted during rollout starts next to the trainer's weights: 0.5 x (1 GiB - weights) - its weights
+    assert mem.kv_tokens_after_restart == int((0.5 * (gib - rank * 2) - 272000) // 256)
+
+
+def test_offload_params_and_engine_residue_by_hand(tmp_path):
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    cfg = load_recipe(tmp_path / "tiny.yaml", ["train.offload_params=true"])
+    gib = 1024 ** 3
+    hw = Hardware(gpus_per_node=1, gpu_mem_gb=1.0, reserve_gb=0.0, engine_residue_gb=0.25)
+    (stage,) = memory_plan(cfg, hw, 100, 1, 2).stages
+    rank = 2 * 104 * 64 + 2 * 61568 + 64
+    assert stage.totals["rollout"] == 0.5 * gib + 0.25 * gib  # nothing of the trainer's: its weights are on CPU
+    assert stage.totals["sync"] == rank * 2 + 272000 + 544000 + 0.25 * gib  # the sync reads the weights
+    assert stage.totals["train"] == rank * (2 + 4 + 12) + 2 * 2448 * 64 + 69632 + 0.25 * gib
 
 
 def test_engine_without_memory_saver_keeps_its_pool_in_training(tmp_path):
@@ -164,6 +180,14 @@ def test_70b_recipe_layout_and_kv_cache():
     assert report.layout.dp == 4 and report.memory.params.total == 70_553_706_496
     assert report.memory.engine.kv_bytes_per_token == 2 * 80 * 8 * 128 * 2 / 8  # K and V, 8 KV heads over tp=8
     assert report.memory.engine.num_engines == 8
+    # the lifecycle requirements: during rollout the trainer holds at most its bf16 weights, and each
+    # engine's KV cache holds every sequence of a step at full length at once
+    cfg, mem = report.cfg, report.memory
+    bf16_weights = 2 * max(s.params for s in stage_params(cfg.model, cfg.parallel, cfg.model.vocab_size))
+    assert 0 < mem.rollout_trainer_resident <= bf16_weights
+    need = 64 * 8 * (512 + 7680) // 8
+    assert mem.engine.kv_tokens_needed == need and mem.engine.kv_tokens >= need
+    assert mem.kv_tokens_after_restart >= need and report.exit_code == 0
 
 
 @pytest.mark.parametrize("overrides, key", [
@@ -240,3 +264,6 @@ def test_cli_json_and_fit():
     data = json.loads(proc.stdout)
     assert data["fits"] and data["num_params"] == 8_030_261_248 and data["dp"] == 2
     assert data["peak_gib"] == pytest.approx(max(data["totals_gib"].values()))
+    assert data["rollout_trainer_resident_gib"] == pytest.approx(data["items"]["weights"])  # grads, optimizer off
+    assert data["kv_tokens"] > 0 and data["kv_tokens_needed"] > 0 and set(data["totals_gib"]) == {"rollout", "train",
+                                                                                                 "sync"}
