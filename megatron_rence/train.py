@@ -206,6 +206,13 @@ def maybe_evaluate(run: Run, step: int) -> dict:
 
 def run_training(cfg: Config, resume: bool = False) -> list[dict]:
     """Train `cfg.train.num_steps` steps (from the latest checkpoint with `resume`); returns the step metrics."""
+    from megatron_rence.rundir import claim_run_dir
+
+    with claim_run_dir(cfg, resume):  # one run per run dir; a fresh launch never clobbers an earlier run
+        return _train_loop(cfg, resume)
+
+
+def _train_loop(cfg: Config, resume: bool) -> list[dict]:
     stop = StopFlag()
     run = setup(cfg, resume)
     history: list[dict] = []
@@ -245,7 +252,13 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_or_exit(args)
     if handle_info_flags(args, cfg):
         return 0
-    history = run_training(cfg, resume=args.resume)
+    from megatron_rence.rundir import RunDirError
+
+    try:
+        history = run_training(cfg, resume=args.resume)
+    except RunDirError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if history and os.environ.get("RANK", "0") == "0":
         print(summary(cfg, history))
     return 0
