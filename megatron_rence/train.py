@@ -121,13 +121,11 @@ def load_starting_weights(cfg: Config, trainer, vocab_size: int, pstate) -> None
 
 def resume_from(ckpt_dir: Path, cfg: Config, trainer, ref_trainer, dataset, objective) -> int:
     """Weights, optimizer, RNG, data position and objective state of the latest checkpoint; returns its step."""
-    from megatron_rence.megatron import checkpoint
-
-    state = trainer.load(ckpt_dir)
+    state = trainer.load(ckpt_dir)  # the newest intact checkpoint (a corrupt one is skipped with a warning)
     step = state["step"]
     dataset.load_state_dict(state["data"])
     objective.load_state_dict(state["objective"])
-    print(f"resumed from {checkpoint.latest(ckpt_dir)} at step {step}")
+    print(f"resumed from {state['checkpoint']} at step {step}")
     every = cfg.objective.ref_update_every
     if ref_trainer is not None and every:  # semi-online DPO: the reference is not in the checkpoint
         ref_trainer.copy_weights_from(trainer)
