@@ -211,17 +211,23 @@ def run_training(cfg: Config, resume: bool = False) -> list[dict]:
 
 
 def _train_loop(cfg: Config, resume: bool) -> list[dict]:
+    from megatron_rence.health import RunHealth
+
     stop = StopFlag()
     run = setup(cfg, resume)
+    health = RunHealth(cfg.train.max_nonfinite_steps)  # NaN / inf steps in a row stop the run
     history: list[dict] = []
     try:
         sync_weights(run, version=run.start_step)  # the engine starts from the trainer's weights
         for step in range(run.start_step + 1, cfg.train.num_steps + 1):
             metrics = train_step(run, step)
             metrics.update(maybe_evaluate(run, step))
+            metrics.update(run.dataset.metrics())
+            health.observe(step, metrics)
             if run.logger is not None:
                 run.logger.log(step, metrics)
             history.append({"step": step, **metrics})
+            health.stop_if_diverged()
             stopping = run.trainer.any_rank(stop.signum is not None)
             if stopping or step == cfg.train.num_steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
                 save(run, step)
@@ -250,13 +256,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_or_exit(args)
     if handle_info_flags(args, cfg):
         return 0
+    from megatron_rence.health import NonFiniteTraining
     from megatron_rence.rundir import RunDirError
 
     try:
         history = run_training(cfg, resume=args.resume)
-    except RunDirError as exc:
+    except (RunDirError, NonFiniteTraining, FloatingPointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return 2 if isinstance(exc, RunDirError) else 1
     if history and os.environ.get("RANK", "0") == "0":
         print(summary(cfg, history))
     return 0
