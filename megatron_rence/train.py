@@ -82,6 +82,8 @@ def setup(cfg: Config, resume: bool) -> Run:
         ref_trainer = Trainer(cfg, build_model(cfg.model, cfg.parallel, vocab_size), pstate, vocab_size,
                               frozen=True, pad_id=tokenizer.pad_token_id)
     dataset = PromptDataset(cfg.data, tokenizer)
+    if pstate.rank == 0:
+        print(dataset.summary(), flush=True)
     ckpt_dir = Path(cfg.checkpoint.dir or Path(cfg.train.run_dir) / "checkpoints")
     resuming = resume and checkpoint.latest(ckpt_dir) is not None
     if resume and not resuming:
@@ -276,6 +278,13 @@ def summary(cfg: Config, history: list[dict]) -> str:
     lines = [f"done: step {history[-1]['step']} reward/mean={rewards[-1] if rewards else float('nan'):.3f} "
              f"(mean of the first {len(first)} steps {sum(first) / max(len(first), 1):.3f}, of the last "
              f"{len(last)} {sum(last) / max(len(last), 1):.3f}); run dir {cfg.train.run_dir}"]
+    if "data/num_prompts" in history[-1]:
+        from megatron_rence.data.prompts import summary_line
+
+        lines.append(summary_line(history[-1], cfg.data))
+    if history[-1].get("train/nonfinite_steps_total"):
+        lines.append(f"train/nonfinite_steps_total={history[-1]['train/nonfinite_steps_total']:.0f}: optimizer steps "
+                     f"skipped for a NaN / inf loss or gradient norm")
     if cfg.logging.plot:
         try:
             from megatron_rence.plots import plot
