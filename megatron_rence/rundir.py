@@ -116,8 +116,7 @@ def check_fresh_launch(cfg, resume: bool) -> None:
     print(f"train.overwrite=true: removing the previous run's checkpoints in {root} and its metrics", flush=True)
     for _, path in found:
         shutil.rmtree(path)
-    for name in ("latest",):
-        (root / name).unlink(missing_ok=True)
+    (root / "latest").unlink(missing_ok=True)
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
 
