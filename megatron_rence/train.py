@@ -285,6 +285,14 @@ def summary(cfg: Config, history: list[dict]) -> str:
     if history[-1].get("train/nonfinite_steps_total"):
         lines.append(f"train/nonfinite_steps_total={history[-1]['train/nonfinite_steps_total']:.0f}: optimizer steps "
                      f"skipped for a NaN / inf loss or gradient norm")
+    flat = 0
+    for record in reversed(history):  # trailing steps whose gradient was exactly 0 with tokens to learn from
+        if record.get("train/grad_norm") != 0.0 or not record.get("train/num_response_tokens"):
+            break
+        flat += 1
+    if flat >= cfg.train.max_nonfinite_steps:
+        lines.append(f"warning: train/grad_norm was exactly 0 in the last {flat} steps: the model has probably "
+                     f"collapsed (optim.lr too high?)")
     if cfg.logging.plot:
         try:
             from megatron_rence.plots import plot

@@ -118,3 +118,21 @@ def test_engine_sampling_names_diverged_weights():
     logits = torch.tensor([[0.0, float("nan"), 1.0]])
     with pytest.raises(FloatingPointError, match="logits hold NaN / inf: its weights have diverged"):
         sample_next(logits, SamplingParams(temperature=1.0), None)
+
+
+def test_end_of_run_summary_reports_skipped_steps_a_collapse_and_the_data_counts():
+    from megatron_rence.train import summary
+
+    cfg = Config()
+    cfg.train.max_nonfinite_steps, cfg.logging.plot = 2, False
+    data = {"data/num_prompts": 10, "data/num_dropped_too_long": 1, "data/num_dropped_oversized": 2,
+            "data/num_malformed": 3}
+    history = [{"step": s, "reward/mean": 0.0, "train/grad_norm": g, "train/num_response_tokens": 8.0,
+                "train/nonfinite_steps_total": 1.0, **data} for s, g in [(1, 0.5), (2, 0.0), (3, 0.0)]]
+    text = summary(cfg, history)
+    assert "train/nonfinite_steps_total=1: optimizer steps skipped" in text
+    assert "train/grad_norm was exactly 0 in the last 2 steps" in text
+    assert "data: 10 prompts; dropped 1 longer than data.max_prompt_len=512 tokens, 2 lines over " \
+           "data.max_record_bytes=1048576, 3 malformed (data.skip_malformed)" in text
+    history[-1]["train/grad_norm"] = 0.1
+    assert "collapsed" not in summary(cfg, history)
