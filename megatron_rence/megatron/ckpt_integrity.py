@@ -22,6 +22,7 @@ from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: caught by name
 
 MANIFEST = "manifest.json"
 _CHUNK = 4 << 20
@@ -165,18 +166,21 @@ def check_finite(model_chunks: list, step: int, root: Path) -> None:
 
 
 def _errno_of(exc: BaseException) -> Optional[int]:
-    """The errno of `exc` or of an exception it wraps (cause / context / torch.distributed.checkpoint failures)."""
-    seen, todo = set(), [exc]
+    """The errno of `exc` or of an exception it wraps (cause / context / the (exception, traceback) failures of
+    a CheckpointException); else ENOSPC when a message says so (megatron's writer workers re-raise the OSError
+    as a RuntimeError text)."""
+    seen, todo, texts = set(), [exc], []
     while todo:
         e = todo.pop()
-        if e is None or id(e) in seen:
+        if not isinstance(e, BaseException) or id(e) in seen:
             continue
         seen.add(id(e))
         if isinstance(e, OSError) and e.errno:
             return e.errno
-        todo += [e.__cause__, e.__context__, *getattr(e, "failures", {}).values()]
-    text = str(exc)
-    if "No space left on device" in text or "[Errno 28]" in text:
+        texts.append(str(e))
+        failures = getattr(e, "failures", None) or {}
+        todo += [e.__cause__, e.__context__, *(f[0] if isinstance(f, tuple) else f for f in failures.values())]
+    if any("No space left on device" in t or "[Errno 28]" in t for t in texts):
         return errno.ENOSPC
     return None
 
@@ -201,5 +205,5 @@ def naming_write_errors(what: Path, root: Path) -> Iterator[None]:
         yield
     except (CheckpointWriteError, NonFiniteWeights):
         raise
-    except (OSError, RuntimeError) as exc:
+    except (OSError, RuntimeError, CheckpointException) as exc:
         raise CheckpointWriteError(f"writing checkpoint {what} failed: {describe_write_error(exc, root)}") from exc

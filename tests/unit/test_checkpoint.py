@@ -238,7 +238,7 @@ def test_nonfinite_weights_are_never_written_nor_made_latest(pstate, tmp_path):
     assert checkpoint.latest(tmp_path) == good and (tmp_path / "latest").read_text().strip() == good.name
 
 
-@pytest.mark.parametrize("where", ["sharded", "torch_save"])
+@pytest.mark.parametrize("where", ["sharded", "worker", "torch_save"])
 def test_disk_full_names_the_path_and_no_space_left(pstate, tmp_path, monkeypatch, where):
     t = make_trainer(pstate, seed=1)
     good = t.save(tmp_path, 1, {"step": 1})
@@ -249,8 +249,16 @@ def test_disk_full_names_the_path_and_no_space_left(pstate, tmp_path, monkeypatc
     def torch_full(*args, **kwargs):  # what torch.save raises on a full disk: no errno, no path
         raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0")
 
+    def worker_full(*args, **kwargs):  # what megatron's torch_dist writer raises: a BaseException, no errno
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        raise CheckpointException("save", {0: (RuntimeError("Worker failure: [Errno 28] No space left on device"),
+                                               [])})
+
     if where == "sharded":
         monkeypatch.setattr(checkpoint, "_write_sharded", enospc)
+    elif where == "worker":
+        monkeypatch.setattr(checkpoint, "_write_sharded", worker_full)
     else:
         monkeypatch.setattr(checkpoint.torch, "save", torch_full)
         monkeypatch.setattr(ckpt_integrity.shutil, "disk_usage", lambda p: type("U", (), {"free": 0})())
@@ -272,3 +280,26 @@ def test_permission_error_names_the_path_and_the_cause(pstate, tmp_path, monkeyp
     with pytest.raises(ckpt_integrity.CheckpointWriteError, match=f"{tmp_path / 'iter_0000001.tmp'} failed: "
                                                                   "permission denied"):
         t.save(tmp_path, 1, {"step": 1})
+
+
+def test_a_real_full_disk_names_the_path_and_keeps_the_previous_checkpoint(pstate, tmp_path):
+    """On a tmpfs sized for one checkpoint and a half (needs root and mount; skipped elsewhere)."""
+    import os
+    import subprocess
+
+    t = make_trainer(pstate, seed=1)
+    size = sum(p.stat().st_size for p in t.save(tmp_path / "probe", 1, {"step": 1}).rglob("*") if p.is_file())
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size * 3 // 2}", "tmpfs",
+                                            str(disk)], capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root and mount permission")
+    try:
+        good = t.save(disk, 1, {"step": 1})
+        with pytest.raises(ckpt_integrity.CheckpointWriteError) as err:
+            t.save(disk, 2, {"step": 2})
+        assert f"writing checkpoint {disk / 'iter_0000002.tmp'} failed: no space left on device" in str(err.value)
+        assert checkpoint.latest(disk) == good
+        assert make_trainer(pstate, seed=5).load(disk)["step"] == 1
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
