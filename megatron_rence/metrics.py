@@ -53,8 +53,12 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         record = {"step": step, **{k: _plain(v) for k, v in sorted(metrics.items())}}
         if self._jsonl is not None:
-            self._jsonl.write(json.dumps(record) + "\n")
-            self._jsonl.flush()
+            try:
+                self._jsonl.write(json.dumps(record) + "\n")
+                self._jsonl.flush()
+            except OSError as exc:  # a full disk names no file by itself
+                raise OSError(exc.errno, f"{self.jsonl_path}: writing the metrics of step {step} failed: "
+                              f"{os.strerror(exc.errno).lower() if exc.errno else exc}") from exc
         if self._tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):

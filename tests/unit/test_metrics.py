@@ -51,3 +51,25 @@ def test_tensorboard_does_not_replay_steps_after_a_resume(tmp_path):
     acc.Reload()
     events = [(e.step, e.value) for e in acc.Scalars("loss/total")]
     assert events == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0)]
+
+
+def test_a_full_disk_while_logging_names_the_file(tmp_path):
+    import errno
+
+    logger = MetricsLogger(_cfg(), tmp_path, num_steps=2)
+
+    class FullDisk:  # a fake file: a real full disk needs a tiny file system mounted for the test
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self):
+            pass
+
+        def close(self):
+            pass
+
+    logger._jsonl = FullDisk()
+    with pytest.raises(OSError, match=rf"{tmp_path / 'metrics.jsonl'}: writing the metrics of step 1 failed: "
+                                      "no space left on device"):
+        logger.log(1, {"loss/total": 1.0})
+    logger.close()
