@@ -5,7 +5,9 @@
 
 The lock is ``<run_dir>/.lock`` (JSON: pid, host, start time), created with O_EXCL. It is released when the
 block exits and, as a fallback, at interpreter exit; a lock whose holder is a dead process on this host is
-stale and taken over (a holder on another host cannot be checked: the error says which host to look at).
+stale and taken over, and so is one left by an earlier incarnation of this Slurm job (same SLURM_JOB_ID,
+another SLURM_RESTART_COUNT: a requeued job that was killed before it could release it). A live holder on
+another host cannot be checked: the error says which host to look at.
 A fresh launch (no ``--resume``) into a run dir that already holds checkpoints is refused unless
 ``train.overwrite=true``, which removes the old run's checkpoints, metrics.jsonl and TensorBoard events.
 Only rank 0 (env RANK) touches the file system here; the other ranks return at once.
@@ -43,6 +45,14 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _slurm_job() -> dict:
+    """This process's Slurm job id and restart count ({} outside Slurm); a requeued job keeps its id."""
+    if "SLURM_JOB_ID" not in os.environ:
+        return {}
+    return {"slurm_job_id": os.environ["SLURM_JOB_ID"],
+            "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT", "0")}
+
+
 class RunDirLock:
     """An O_EXCL lock file naming its holder; `release` removes it (only if it is still ours)."""
 
@@ -52,7 +62,8 @@ class RunDirLock:
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+              **_slurm_job()}
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -73,7 +84,18 @@ class RunDirLock:
         except FileNotFoundError:
             return  # released meanwhile: try again
         except (ValueError, KeyError, TypeError):
+            if time.time() - self.path.stat().st_mtime < 2:  # probably being written by its creator right now
+                time.sleep(1)
+                return
             print(f"warning: {self.path} is unreadable (a torn write?); taking it over", flush=True)
+            self.path.unlink(missing_ok=True)
+            return
+        job = _slurm_job()
+        if job and job["slurm_job_id"] == holder.get("slurm_job_id") \
+                and job["slurm_restart_count"] != holder.get("slurm_restart_count"):
+            print(f"warning: taking over the lock {self.path} of an earlier run of Slurm job "
+                  f"{holder['slurm_job_id']} (pid {pid} on {host}, restart {holder.get('slurm_restart_count')})",
+                  flush=True)
             self.path.unlink(missing_ok=True)
             return
         if host == socket.gethostname() and not _pid_alive(pid):

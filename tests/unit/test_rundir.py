@@ -117,3 +117,26 @@ def test_other_ranks_do_not_touch_the_run_dir(tmp_path):
     _previous_run(tmp_path)
     with claim_run_dir(_cfg(tmp_path), resume=False, rank=1) as lock:
         assert lock is None and not (tmp_path / LOCK).exists()
+
+
+def test_a_requeued_slurm_job_takes_over_the_lock_of_its_earlier_run(tmp_path, monkeypatch, capsys):
+    earlier = {"pid": 4242, "host": "node-a-not-this-one", "slurm_job_id": "77", "slurm_restart_count": "0"}
+    (tmp_path / LOCK).write_text(json.dumps(earlier))
+    monkeypatch.setenv("SLURM_JOB_ID", "78")  # another job: refused
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    with pytest.raises(RunDirError, match="in use by pid 4242 on node-a-not-this-one"):
+        with claim_run_dir(_cfg(tmp_path), resume=True, rank=0):
+            pass
+    monkeypatch.setenv("SLURM_JOB_ID", "77")  # the same job, requeued (restart 1): the lock is its own
+    with claim_run_dir(_cfg(tmp_path), resume=True, rank=0):
+        held = json.loads((tmp_path / LOCK).read_text())
+        assert held["pid"] == os.getpid() and held["slurm_restart_count"] == "1"
+    assert "earlier run of Slurm job 77" in capsys.readouterr().out
+
+
+def test_an_unreadable_old_lock_is_taken_over(tmp_path, capsys):
+    (tmp_path / LOCK).write_text('{"pid": 12')  # torn
+    os.utime(tmp_path / LOCK, (0, 0))
+    with claim_run_dir(_cfg(tmp_path), resume=False, rank=0):
+        assert json.loads((tmp_path / LOCK).read_text())["pid"] == os.getpid()
+    assert "unreadable" in capsys.readouterr().out
