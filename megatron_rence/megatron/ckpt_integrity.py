@@ -92,12 +92,15 @@ def _check_share(ckpt: Path, names: list[str], files: dict) -> list[str]:
     problems = []
     for name in names:
         path, want = ckpt / name, files[name]
-        if not path.is_file():
-            problems.append(f"{path}: missing")
-        elif path.stat().st_size != want["size"]:
-            problems.append(f"{path}: {path.stat().st_size} bytes, the manifest says {want['size']} (truncated?)")
-        elif sha256_file(path) != want["sha256"]:
-            problems.append(f"{path}: content does not match its sha256 in {MANIFEST} (corrupt)")
+        try:
+            if not path.is_file():
+                problems.append(f"{path}: missing")
+            elif path.stat().st_size != want["size"]:
+                problems.append(f"{path}: {path.stat().st_size} bytes, the manifest says {want['size']} (truncated?)")
+            elif sha256_file(path) != want["sha256"]:
+                problems.append(f"{path}: content does not match its sha256 in {MANIFEST} (corrupt)")
+        except (OSError, KeyError, TypeError) as exc:  # every rank must reach the gather: report, do not raise
+            problems.append(f"{path}: cannot be checked ({type(exc).__name__}: {exc})")
     return problems
 
 
@@ -112,6 +115,8 @@ def verify(ckpt: Path) -> Optional[list[str]]:
         else:
             try:
                 manifest = json.loads(path.read_text())["files"]
+                if not isinstance(manifest, dict):
+                    raise TypeError(f"'files' is a {type(manifest).__name__}, not a mapping")
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 manifest = f"{path}: unreadable ({type(exc).__name__}: {exc})"
     manifest = _broadcast(manifest)

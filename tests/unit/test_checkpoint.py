@@ -179,6 +179,11 @@ def _garbage_inside_distcp(ckpt):
     return path
 
 
+def _garbage_manifest(ckpt):
+    (ckpt / "manifest.json").write_text('{"format": 1, "files": [')
+    return ckpt / "manifest.json"
+
+
 def test_manifest_lists_every_file_with_size_and_sha256(pstate, tmp_path):
     t = make_trainer(pstate, seed=1)
     ckpt = t.save(tmp_path, 1, {"step": 1})
@@ -191,7 +196,8 @@ def test_manifest_lists_every_file_with_size_and_sha256(pstate, tmp_path):
         assert entry["sha256"] == ckpt_integrity.sha256_file(ckpt / name)
 
 
-@pytest.mark.parametrize("damage", [_truncate_distcp, _empty_run_state, _garbage_common, _garbage_inside_distcp])
+@pytest.mark.parametrize("damage", [_truncate_distcp, _empty_run_state, _garbage_common, _garbage_inside_distcp,
+                                    _garbage_manifest])
 def test_corrupt_latest_is_reported_and_the_newest_intact_one_loaded(pstate, tmp_path, capsys, damage):
     first = _two_checkpoints(pstate, tmp_path)
     bad_file = damage(tmp_path / "iter_0000002")
