@@ -86,6 +86,9 @@ class DataConfig:
     shuffle: bool = True
     seed: int = 1234
     skip_malformed: bool = False
+    # jsonl lines longer than this many bytes are skipped without being read whole and counted
+    # (data/num_dropped_oversized); a prompt that long could never fit data.max_prompt_len anyway
+    max_record_bytes: int = 1 << 20
     synthetic: SyntheticTaskConfig = field(default_factory=SyntheticTaskConfig)
 
 
@@ -197,6 +200,10 @@ class TrainConfig:
     # released its memory (gradients and optimizer state always leave the GPU during rollout:
     # megatron/offload.py); frees params bytes per GPU for the KV cache at the cost of two copies per step
     offload_params: bool = False
+    # an optimizer step whose loss or gradient norm is not finite is skipped (train/nonfinite_steps); this many
+    # such steps in a row stop the run with an error naming the metric and step
+    max_nonfinite_steps: int = 3
+    overwrite: bool = False  # a fresh launch (no --resume) may replace the checkpoints and metrics in run_dir
 
 
 @dataclass
@@ -261,12 +268,51 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def validate(cfg: Config, source: str = "<recipe>") -> None:
-    """Checks that need no world size. Raises ConfigError naming the dotted key and `source`."""
+# every count / size has a minimum and every timeout / interval must be > 0 (None = unset is allowed)
+_MINIMUMS = {
+    "model.num_layers": 1, "model.hidden_size": 1, "model.ffn_hidden_size": 1, "model.num_attention_heads": 1,
+    "model.num_query_groups": 1, "model.kv_channels": 1, "model.vocab_size": 0, "model.max_position_embeddings": 1,
+    "model.make_vocab_size_divisible_by": 1, "parallel.tp": 1, "parallel.pp": 1, "parallel.cp": 1,
+    "parallel.vpp": 1, "parallel.recompute_num_layers": 1, "data.max_prompt_len": 1, "data.max_record_bytes": 1,
+    "data.synthetic.num_problems": 1, "rollout.prompts_per_step": 1, "rollout.num_samples": 1,
+    "rollout.max_new_tokens": 1, "rollout.top_k": -1, "rollout.sglang.tp": 1, "rollout.sglang.max_restarts": 0,
+    "rollout.sglang.base_port": 1, "objective.kl_window": 1, "objective.overlong_buffer": 0,
+    "objective.max_pairs_per_group": 0, "objective.ref_update_every": 0, "reward.num_workers": 0,
+    "optim.lr_warmup_steps": 0, "optim.lr_decay_steps": 1, "train.num_steps": 1, "train.global_batch_size": 1,
+    "train.micro_batch_size": 1, "train.max_seq_len": 2, "train.logprobs_micro_batch_size": 0,
+    "train.max_nonfinite_steps": 1, "weights.bucket_bytes": 1, "checkpoint.every": 0, "checkpoint.keep_last": 0,
+    "eval.every": 0, "eval.num_samples": 1, "eval.max_new_tokens": 1, "eval.prompts_per_batch": 1,
+}
+_POSITIVE = ["reward.timeout_s", "rollout.sglang.health_poll_s", "rollout.sglang.mem_fraction_static",
+             "model.norm_epsilon", "model.rotary_base"]
+
+
+def _get_dotted(cfg, key: str):
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def check_ranges(cfg: Config, fail) -> None:
+    """`fail(key, message)` for every count below its minimum (_MINIMUMS) and every timeout <= 0 (_POSITIVE)."""
+    for key, minimum in _MINIMUMS.items():
+        value = _get_dotted(cfg, key)
+        if value is not None and value < minimum:
+            fail(key, f"must be >= {minimum}, got {value}")
+    for key in _POSITIVE:
+        value = _get_dotted(cfg, key)
+        if value is not None and not value > 0:
+            fail(key, f"must be > 0, got {value}")
+
+
+def validate(cfg: Config, source: str = "<recipe>", where=None) -> None:
+    """Checks that need no world size. Raises ConfigError naming the dotted key and where it was set:
+    `where(key)` (the recipe file or the command line, see recipe.load_recipe), else `source`."""
 
     def fail(key: str, msg: str) -> None:
-        raise ConfigError(f"{source}: {key}: {msg}")
+        raise ConfigError(f"{where(key) if where else source}: {key}: {msg}")
 
+    check_ranges(cfg, fail)
     m, p, t, r, o = cfg.model, cfg.parallel, cfg.train, cfg.rollout, cfg.objective
     for key, value in [("parallel.tp", p.tp), ("parallel.pp", p.pp), ("parallel.cp", p.cp),
                        ("train.micro_batch_size", t.micro_batch_size),

@@ -35,7 +35,9 @@ class MetricsLogger:
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+            # on resume, events of the steps after the checkpoint (about to be run again) are purged
+            purge = resume_step + 1 if resume_step is not None else None
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=purge)
         self._wandb = None
         if cfg.wandb_project:
             try:
@@ -51,8 +53,12 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         record = {"step": step, **{k: _plain(v) for k, v in sorted(metrics.items())}}
         if self._jsonl is not None:
-            self._jsonl.write(json.dumps(record) + "\n")
-            self._jsonl.flush()
+            try:
+                self._jsonl.write(json.dumps(record) + "\n")
+                self._jsonl.flush()
+            except OSError as exc:  # a full disk names no file by itself
+                raise OSError(exc.errno, f"{self.jsonl_path}: writing the metrics of step {step} failed: "
+                              f"{os.strerror(exc.errno).lower() if exc.errno else exc}") from exc
         if self._tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
@@ -93,14 +99,7 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
-    records = []
-    for line_no, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{line_no}: not JSON ({exc})") from None
-    return records
+    return [record for _, record in _parse_records(path)]
 
 
 def _plain(value: Any) -> Any:
@@ -115,11 +114,26 @@ def _plain(value: Any) -> Any:
     return value if isinstance(value, (str, list, dict)) or value is None else float(value)
 
 
+def _parse_records(path: Path) -> list[tuple[str, dict]]:
+    """(line, record) of each line of a metrics.jsonl; a torn last line (a crash or a full disk mid-write) is
+    dropped with a warning; a bad line elsewhere is a ValueError naming file:line."""
+    lines = [(n, line) for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1) if line.strip()]
+    out = []
+    for i, (line_no, line) in enumerate(lines):
+        try:
+            out.append((line, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}:{line_no}: not JSON ({exc})") from None
+            print(f"warning: {path}:{line_no}: dropping a torn last line ({len(line)} characters, not JSON: "
+                  f"{exc.msg}); the run was probably killed or the disk filled while it was written", flush=True)
+    return out
+
+
 def _truncate_after(path: Path, step: int) -> None:
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = [line for line, record in _parse_records(path) if record.get("step", 0) <= step]
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)

@@ -210,4 +210,5 @@ def _optimizer_steps(inputs: TrainInputs, prepared, objective, trainer, cfg: Con
         num_steps += 1
     out = {key: value / num_steps for key, value in sums.items()}
     out["train/optimizer_steps"] = float(num_steps)
+    out["train/nonfinite_steps"] = sums.get("train/nonfinite_steps", 0.0)  # a count, not a mean
     return out

@@ -30,7 +30,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         sources[key] = f"command-line override (recipe {path})"
     cfg = build(Config, raw, prefix="", sources=sources, default_source=str(path))
     fill_model_from_hf(cfg, raw.get("model") or {}, sources, str(path))
-    validate(cfg, source=str(path))
+    validate(cfg, source=str(path), where=lambda key: _where(key, sources, str(path)))
     return cfg
 
 

@@ -99,6 +99,8 @@ def setup(cfg: Config, resume: bool) -> Run:
         ref_trainer = Trainer(cfg, build_model(cfg.model, cfg.parallel, vocab_size), pstate, vocab_size,
                               frozen=True, pad_id=tokenizer.pad_token_id)
     dataset = PromptDataset(cfg.data, tokenizer)
+    if pstate.rank == 0:
+        print(dataset.summary(), flush=True)
     ckpt_dir = Path(cfg.checkpoint.dir or Path(cfg.train.run_dir) / "checkpoints")
     resuming = resume and checkpoint.latest(ckpt_dir) is not None
     if resume and not resuming:
@@ -143,13 +145,11 @@ def load_starting_weights(cfg: Config, trainer, vocab_size: int, pstate) -> str:
 
 def resume_from(ckpt_dir: Path, cfg: Config, trainer, ref_trainer, dataset, objective) -> int:
     """Weights, optimizer, RNG, data position and objective state of the latest checkpoint; returns its step."""
-    from megatron_rence.megatron import checkpoint
-
-    state = trainer.load(ckpt_dir)
+    state = trainer.load(ckpt_dir)  # the newest intact checkpoint (a corrupt one is skipped with a warning)
     step = state["step"]
     dataset.load_state_dict(state["data"])
     objective.load_state_dict(state["objective"])
-    print(f"resumed from {checkpoint.latest(ckpt_dir)} at step {step}")
+    print(f"resumed from {state['checkpoint']} at step {step}")
     every = cfg.objective.ref_update_every
     if ref_trainer is not None and every:  # semi-online DPO: the reference is not in the checkpoint
         ref_trainer.copy_weights_from(trainer)
@@ -240,17 +240,30 @@ def maybe_evaluate(run: Run, step: int) -> dict:
 
 def run_training(cfg: Config, resume: bool = False) -> list[dict]:
     """Train `cfg.train.num_steps` steps (from the latest checkpoint with `resume`); returns the step metrics."""
+    from megatron_rence.rundir import claim_run_dir
+
+    with claim_run_dir(cfg, resume):  # one run per run dir; a fresh launch never clobbers an earlier run
+        return _train_loop(cfg, resume)
+
+
+def _train_loop(cfg: Config, resume: bool) -> list[dict]:
+    from megatron_rence.health import RunHealth
+
     stop = StopFlag()
     run = setup(cfg, resume)
+    health = RunHealth(cfg.train.max_nonfinite_steps)  # NaN / inf steps in a row stop the run
     history: list[dict] = []
     try:
         sync_weights(run, version=run.start_step)  # the engine starts from the trainer's weights
         for step in range(run.start_step + 1, cfg.train.num_steps + 1):
             metrics = train_step(run, step)
             metrics.update(maybe_evaluate(run, step))
+            metrics.update(run.dataset.metrics())
+            health.observe(step, metrics)
             if run.logger is not None:
                 run.logger.log(step, metrics)
             history.append({"step": step, **metrics})
+            health.stop_if_diverged()
             stopping = run.trainer.any_rank(stop.signum is not None)
             if stopping or step == cfg.train.num_steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
                 save(run, step)
@@ -279,7 +292,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_or_exit(args)
     if handle_info_flags(args, cfg):
         return 0
-    history = run_training(cfg, resume=args.resume)
+    from megatron_rence.health import NonFiniteTraining
+    from megatron_rence.rundir import RunDirError
+
+    try:
+        history = run_training(cfg, resume=args.resume)
+    except (RunDirError, NonFiniteTraining, FloatingPointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, RunDirError) else 1
     if history and os.environ.get("RANK", "0") == "0":
         print(summary(cfg, history))
     return 0
@@ -292,6 +312,21 @@ def summary(cfg: Config, history: list[dict]) -> str:
     lines = [f"done: step {history[-1]['step']} reward/mean={rewards[-1] if rewards else float('nan'):.3f} "
              f"(mean of the first {len(first)} steps {sum(first) / max(len(first), 1):.3f}, of the last "
              f"{len(last)} {sum(last) / max(len(last), 1):.3f}); run dir {cfg.train.run_dir}"]
+    if "data/num_prompts" in history[-1]:
+        from megatron_rence.data.prompts import summary_line
+
+        lines.append(summary_line(history[-1], cfg.data))
+    if history[-1].get("train/nonfinite_steps_total"):
+        lines.append(f"train/nonfinite_steps_total={history[-1]['train/nonfinite_steps_total']:.0f}: optimizer steps "
+                     f"skipped for a NaN / inf loss or gradient norm")
+    flat = 0
+    for record in reversed(history):  # trailing steps whose gradient was exactly 0 with tokens to learn from
+        if record.get("train/grad_norm") != 0.0 or not record.get("train/num_response_tokens"):
+            break
+        flat += 1
+    if flat >= cfg.train.max_nonfinite_steps:
+        lines.append(f"warning: train/grad_norm was exactly 0 in the last {flat} steps: the model has probably "
+                     f"collapsed (optim.lr too high?)")
     if cfg.logging.plot:
         try:
             from megatron_rence.plots import plot

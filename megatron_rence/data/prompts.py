@@ -10,8 +10,9 @@ File layouts recognised per record (first match wins):
 `data.extra_train_paths` are read after `data.train_path` into one dataset (layouts may differ per record).
 Ids come from `data.id_key`, else an `id` / `unique_id` field, else "file:line". Answers may be strings or
 numbers; anything else, a missing field, bad JSON or a non-string problem is a ValueError naming the file
-and line, or, with `data.skip_malformed`, skipped and counted. Prompts longer than `data.max_prompt_len`
-tokens are dropped and counted (`metrics()`).
+and line, or, with `data.skip_malformed`, skipped and counted; so is a line that is not valid UTF-8. Prompts
+longer than `data.max_prompt_len` tokens are dropped and counted, and so are jsonl lines longer than
+`data.max_record_bytes` (skipped while reading, never held whole in memory): `metrics()`, `summary()`.
 """
 from __future__ import annotations
 
@@ -77,11 +78,13 @@ class PromptDataset:
         self.cfg = data_cfg
         self.num_malformed = 0
         self.num_too_long = 0
+        self.num_oversized = 0
         raw = self._load_raw()
         self.prompts = self._build_prompts(raw, tokenizer)
         if not self.prompts:
             raise ValueError(f"data: no usable prompts ({len(raw)} records, {self.num_too_long} longer than "
-                             f"data.max_prompt_len={data_cfg.max_prompt_len}, {self.num_malformed} malformed)")
+                             f"data.max_prompt_len={data_cfg.max_prompt_len}, {self.num_oversized} lines over "
+                             f"data.max_record_bytes={data_cfg.max_record_bytes}, {self.num_malformed} malformed)")
         self.epoch, self.index = 0, 0
         self._order = self._permutation(0)
 
@@ -95,7 +98,8 @@ class PromptDataset:
             raise ValueError("data.train_path: data.source=file needs a jsonl or parquet file")
         raw = []
         for path in [self.cfg.train_path, *self.cfg.extra_train_paths]:
-            for location, record in read_records(path, self._on_malformed):
+            for location, record in read_records(path, self._on_malformed, self.cfg.max_record_bytes,
+                                                 self._on_oversized):
                 try:
                     problem, answer = problem_and_answer(record, self.cfg.problem_key, self.cfg.answer_key)
                     raw.append((_record_id(record, self.cfg.id_key, location), problem, answer))
@@ -107,6 +111,9 @@ class PromptDataset:
         if not self.cfg.skip_malformed:
             raise ValueError(f"{location}: {message} (set data.skip_malformed=true to skip such records)")
         self.num_malformed += 1
+
+    def _on_oversized(self, location: str, size: int) -> None:
+        self.num_oversized += 1
 
     def _build_prompts(self, raw: list[tuple[str, str, str]], tokenizer) -> list[Prompt]:
         prompts = []
@@ -151,7 +158,22 @@ class PromptDataset:
 
     def metrics(self) -> dict:
         return {"data/num_prompts": len(self.prompts), "data/num_dropped_too_long": self.num_too_long,
-                "data/num_malformed": self.num_malformed, "data/epoch": self.epoch}
+                "data/num_dropped_oversized": self.num_oversized, "data/num_malformed": self.num_malformed,
+                "data/epoch": self.epoch}
+
+    def summary(self) -> str:
+        """One line: usable prompts and what was dropped (and which key controls it)."""
+        return summary_line(self.metrics(), self.cfg)
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+
+def summary_line(metrics: dict, data_cfg) -> str:
+    """"data: N prompts; dropped ..." from `PromptDataset.metrics()` (or a step record holding them)."""
+    dropped = [f"{metrics.get('data/num_dropped_too_long', 0):.0f} longer than data.max_prompt_len="
+               f"{data_cfg.max_prompt_len} tokens",
+               f"{metrics.get('data/num_dropped_oversized', 0):.0f} lines over data.max_record_bytes="
+               f"{data_cfg.max_record_bytes}",
+               f"{metrics.get('data/num_malformed', 0):.0f} malformed (data.skip_malformed)"]
+    return f"data: {metrics.get('data/num_prompts', 0):.0f} prompts; dropped " + ", ".join(dropped)

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 from megatron_rence.rewards.extract import last_boxed
 
 OnMalformed = Callable[[str, str], None]  # (location "file:line", message); raises or counts
+OnOversized = Callable[[str, int], None]  # (location, bytes of the line); counts
+_SKIP_CHUNK = 1 << 20
 
 
 class MalformedRecord(ValueError):
@@ -18,10 +20,12 @@ def raise_malformed(location: str, message: str) -> None:
     raise ValueError(f"{location}: {message}")
 
 
-def read_records(path: str | Path, on_malformed: OnMalformed = raise_malformed) -> Iterator[tuple[str, dict]]:
+def read_records(path: str | Path, on_malformed: OnMalformed = raise_malformed, max_line_bytes: Optional[int] = None,
+                 on_oversized: Optional[OnOversized] = None) -> Iterator[tuple[str, dict]]:
     """Yield `(location, record)` for each record; location is "file:line" (1-based) for jsonl and
-    "file:row N" / "file:item N" (1-based) for parquet / json lists. Bad JSON or a non-object record goes
-    to `on_malformed` and is skipped if it returns."""
+    "file:row N" / "file:item N" (1-based) for parquet / json lists. Bad JSON, invalid UTF-8 or a non-object
+    record goes to `on_malformed` and is skipped if it returns. A jsonl line longer than `max_line_bytes` is
+    skipped without being held in memory and reported to `on_oversized` (else to `on_malformed`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
@@ -32,7 +36,7 @@ def read_records(path: str | Path, on_malformed: OnMalformed = raise_malformed) 
     elif suffix == ".json":
         items = _json_items(path)
     elif suffix == ".jsonl":
-        items = _jsonl_items(path, on_malformed)
+        items = _jsonl_items(path, on_malformed, max_line_bytes, on_oversized)
     else:
         raise ValueError(f"{path}: unsupported file type {suffix!r} (use .jsonl, .json or .parquet)")
     for location, record in items:
@@ -42,21 +46,50 @@ def read_records(path: str | Path, on_malformed: OnMalformed = raise_malformed) 
         yield location, record
 
 
-def _jsonl_items(path: Path, on_malformed: OnMalformed) -> Iterator[tuple[str, object]]:
+def _lines(f, max_line_bytes: Optional[int]) -> Iterator[tuple[bytes, int]]:
+    """(line, its size in bytes) of a binary file; a line over `max_line_bytes` is (b"", size), read in chunks."""
+    while raw := (f.readline(max_line_bytes + 1) if max_line_bytes else f.readline()):
+        if max_line_bytes and len(raw) > max_line_bytes and not raw.endswith(b"\n"):
+            size = len(raw)
+            while raw and not raw.endswith(b"\n"):
+                raw = f.readline(_SKIP_CHUNK)
+                size += len(raw)
+            yield b"", size
+        else:
+            yield raw, len(raw)
+
+
+def _jsonl_items(path: Path, on_malformed: OnMalformed, max_line_bytes: Optional[int] = None,
+                 on_oversized: Optional[OnOversized] = None) -> Iterator[tuple[str, object]]:
     with path.open("rb") as f:
-        for number, raw in enumerate(f, start=1):
-            line = raw.decode("utf-8", errors="replace").strip()
+        for number, (raw, size) in enumerate(_lines(f, max_line_bytes), start=1):
+            location = f"{path}:{number}"
+            if not raw and size:
+                if on_oversized is None:
+                    on_malformed(location, f"line of {size} bytes exceeds the limit of {max_line_bytes}")
+                else:
+                    on_oversized(location, size)
+                continue
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as exc:
+                on_malformed(location, f"invalid UTF-8 at byte {exc.start} of the line ({exc.reason})")
+                continue
             if not line:
                 continue
             try:
-                yield f"{path}:{number}", json.loads(line)
+                yield location, json.loads(line)
             except json.JSONDecodeError as exc:
-                on_malformed(f"{path}:{number}", f"invalid JSON: {exc.msg} (column {exc.colno})")
+                on_malformed(location, f"invalid JSON: {exc.msg} (column {exc.colno})")
 
 
 def _json_items(path: Path) -> Iterator[tuple[str, object]]:
+    raw = path.read_bytes()
     try:
-        data = json.loads(path.read_text(encoding="utf-8", errors="replace"))
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: invalid UTF-8 ({exc.reason})") from None
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
     if isinstance(data, dict):  # {"data": [...]} or {"id": record, ...}

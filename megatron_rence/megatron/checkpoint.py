@@ -6,6 +6,7 @@ Layout of a checkpoint root::
              run_state.pt         what the trainer passed (step, data cursor, objective state, ...), from rank 0
              rng/rank_00003.pt    python / numpy / torch / megatron-tracker RNG states of each rank
              meta.json            step, world size and layout (tp, pp, vpp, dp) of the run that wrote it
+             manifest.json        size and sha256 of every file above, written last (ckpt_integrity.py)
     <root>/latest                 the name of the newest COMPLETE checkpoint (replaced atomically)
 
 Atomicity: everything is written to ``iter_XXXXXXX.tmp``, fsynced, then renamed to ``iter_XXXXXXX``; only then
@@ -13,6 +14,11 @@ is ``latest`` replaced (write ``latest.tmp``, fsync, ``os.replace``). A crash at
 checkpoint and ``latest`` intact; a left-over ``.tmp`` directory is ignored and removed by the next save.
 Pruning (``keep_last``) renames a directory to ``*.deleting`` before removing it, so a half-deleted checkpoint
 is never mistaken for a complete one.
+
+Integrity: a checkpoint whose weights hold NaN / inf is never written (NonFiniteWeights); write errors name the
+path and the cause (CheckpointWriteError: "no space left on device", "permission denied" ...). At load, the
+files are checked against manifest.json; a corrupt or incomplete checkpoint is reported (file named) and,
+when a checkpoint root was given, the newest intact one is loaded instead.
 
 Resharding: tensors are stored as global ShardedTensors, so a checkpoint written at one TP / PP / VPP / DP
 layout loads at another (weights and, with the non-distributed optimizer, Adam moments: they are sharded like
@@ -32,6 +38,8 @@ from typing import Optional, Union
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from megatron_rence.megatron.ckpt_integrity import check_finite, choose_intact, naming_write_errors, write_manifest
 
 PathLike = Union[str, Path]
 LATEST = "latest"
@@ -223,18 +231,32 @@ def save(ckpt_root: PathLike, step: int, model_chunks: list, optimizer=None, sch
     root = Path(ckpt_root)
     name = checkpoint_name(step)
     final, tmp = root / name, root / (name + ".tmp")
+    check_finite(model_chunks, step, root)
     if _rank() == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt at this step
-        tmp.mkdir(parents=True)
+        with naming_write_errors(tmp, root):
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt at this step
+            tmp.mkdir(parents=True)
     _barrier()
-    _write_sharded(tmp, model_chunks, optimizer, scheduler, step)  # ends with a barrier
+    with naming_write_errors(tmp, root):
+        _write_sharded(tmp, model_chunks, optimizer, scheduler, step)  # ends with a barrier
     if _rank() == 0:
         (tmp / "rng").mkdir()
     _barrier()
-    _write_run_state(tmp, dict(run_state or {}), step, has_optimizer_state(optimizer))
+    with naming_write_errors(tmp, root):
+        _write_run_state(tmp, dict(run_state or {}), step, has_optimizer_state(optimizer))
     _barrier()  # every rank's files are written and fsynced by their writer
+    with naming_write_errors(tmp / "manifest.json", root):
+        write_manifest(tmp)
     if _rank() == 0:
+        _finish_save(root, tmp, final, name, keep_last)
+    _barrier()
+    return final
+
+
+def _finish_save(root: Path, tmp: Path, final: Path, name: str, keep_last: Optional[int]) -> None:
+    """Rank 0: fsync, rename iter_X.tmp -> iter_X, point `latest` at it, prune."""
+    with naming_write_errors(final, root):
         _fsync_tree(tmp)
         if final.exists():  # re-saving a step (e.g. after a resume): replace the old copy
             old = final.with_name(name + ".deleting")
@@ -244,8 +266,6 @@ def save(ckpt_root: PathLike, step: int, model_chunks: list, optimizer=None, sch
         _fsync_path(root)
         _write_latest(root, name)
         _prune(root, keep_last, keep=final)
-    _barrier()
-    return final
 
 
 def resolve(path: PathLike) -> Path:
@@ -261,6 +281,26 @@ def resolve(path: PathLike) -> Path:
     return found
 
 
+def resolve_intact(path: PathLike) -> Path:
+    """Like `resolve`, but checked against each checkpoint's manifest (all ranks): for a root, the newest intact
+    checkpoint (`latest` first, then older ones, with a warning naming the corrupt files); for an iter_*
+    directory, that one or a ValueError naming its corrupt files."""
+    p = Path(path)
+    first = resolve(p)
+    if first == p:
+        return choose_intact([p], explicit=True)
+    step = int(_ITER.match(first.name).group(1))
+    older = [c for s, c in reversed(complete_checkpoints(p)) if s < step]
+    return choose_intact([first, *older], explicit=False)
+
+
+def _torch_load(path: Path):
+    try:
+        return torch.load(path, weights_only=False)
+    except Exception as exc:  # EOFError / UnpicklingError / RuntimeError name no file
+        raise ValueError(f"checkpoint file {path} is unreadable ({type(exc).__name__}: {exc})") from exc
+
+
 def load(path: PathLike, model_chunks: list, optimizer=None, scheduler=None) -> dict:
     """Load weights (and optimizer / scheduler state when given) from `path` at the current layout (all ranks).
 
@@ -270,12 +310,19 @@ def load(path: PathLike, model_chunks: list, optimizer=None, scheduler=None) -> 
     """
     from megatron.core import dist_checkpointing
 
-    ckpt = resolve(path)
-    meta = json.loads((ckpt / META).read_text())
+    ckpt = resolve_intact(path)
+    try:
+        meta = json.loads((ckpt / META).read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"checkpoint file {ckpt / META} is unreadable ({type(exc).__name__}: {exc})") from exc
     request = _model_sharded_state_dict(model_chunks)
     if optimizer is not None and meta["optimizer_state"]:  # else: saved before the first step, nothing to load
         request["optimizer"] = optimizer.sharded_state_dict(request, is_loading=True)
-    loaded = dist_checkpointing.load(request, str(ckpt))
+    try:
+        loaded = dist_checkpointing.load(request, str(ckpt))
+    except Exception as exc:
+        raise ValueError(f"checkpoint {ckpt}: loading the sharded tensors failed ({type(exc).__name__}: "
+                         f"{exc})") from exc
     keys = ["model"] if len(model_chunks) == 1 else [f"model{i}" for i in range(len(model_chunks))]
     for key, chunk in zip(keys, model_chunks):
         chunk.load_state_dict(loaded[key], strict=True)
@@ -289,10 +336,10 @@ def load(path: PathLike, model_chunks: list, optimizer=None, scheduler=None) -> 
         scheduler.num_steps = 0  # load_state_dict advances by the saved count
         scheduler.load_state_dict(loaded["scheduler"])
     if meta["world_size"] == _world_size():
-        set_rng_state(torch.load(ckpt / "rng" / f"rank_{_rank():05d}.pt", weights_only=False))
+        set_rng_state(_torch_load(ckpt / "rng" / f"rank_{_rank():05d}.pt"))
     elif _rank() == 0:
         print(f"checkpoint {ckpt} was written by {meta['world_size']} ranks, this run has {_world_size()}: "
               "RNG states are not restored")
-    run_state = torch.load(ckpt / RUN_STATE, weights_only=False)
+    run_state = _torch_load(ckpt / RUN_STATE)
     run_state["checkpoint"] = str(ckpt)
     return run_state

@@ -333,9 +333,13 @@ class Trainer:
         t1 = time.perf_counter()
         lr = optim.current_lr(self.optimizer)
         before = self._fingerprints()
-        update_successful, grad_norm, _ = self.optimizer.step()
+        skip = self.any_rank(self._nonfinite(sums))  # every rank skips together (the flag is all-reduced)
+        if skip:  # a NaN / inf loss or gradient: no update, the LR schedule does not advance (as megatron's skip)
+            update_successful, grad_norm = False, float("nan")
+        else:
+            update_successful, grad_norm, _ = self.optimizer.step()
+            self.scheduler.step(1)
         changed = int((self._fingerprints() != before).any(dim=1).sum().item())
-        self.scheduler.step(1)
         t2 = time.perf_counter()
         parts = self._gather_dict({self.state.rank: (sums if self._reports else {}, changed, before.shape[0])})
         metrics: dict[str, float] = {}
@@ -347,9 +351,18 @@ class Trainer:
             "train/lr": lr, "train/update_skipped": 0.0 if update_successful else 1.0,
             "train/weights_changed": sum(c for _, c, _ in parts.values()) / max(1, sum(t for _, _, t in parts.values())),
             "train/num_microbatches": float(len(microbatches)),
+            "train/nonfinite_steps": float(skip or not math.isfinite(float(grad_norm or 0.0))),
             "perf/fwd_bwd_s": t1 - t0, "perf/optimizer_s": t2 - t1,
         })
         return metrics
+
+    @torch.no_grad()
+    def _nonfinite(self, sums: dict) -> bool:
+        """This rank's loss (on the loss side) or its gradient buffers hold NaN / inf."""
+        if not math.isfinite(sums.get("loss/total", 0.0)):
+            return True
+        return any(not bool(torch.isfinite(buffer.grad_data).all())
+                   for chunk in self.model for buffer in chunk.buffers + chunk.expert_parallel_buffers)
 
     @torch.no_grad()
     def _fingerprints(self) -> torch.Tensor:

@@ -3,11 +3,16 @@
 Each input line is an object with "response" and "answer" (other fields are kept); each output line is
 the same object plus "reward", "extracted", "status" (and "detail" when there is one), graded by the
 same code as training (`RewardPool`). A summary goes to stderr.
+
+The whole input is validated before anything is graded; results are streamed, `--chunk` records at a time,
+to a temporary file next to `--out`, which is renamed to `--out` only when every record is graded (an
+interrupted run leaves an existing `--out` untouched). `--out` may not be the input file.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -34,6 +39,42 @@ def load_pairs(path: Path) -> list[dict]:
     return records
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """ValueError for option values that cannot work and for an --out that is the input file."""
+    if args.workers < 0:
+        raise ValueError(f"--workers: must be >= 0 (0 = grade in this process), got {args.workers}")
+    if not args.timeout > 0:
+        raise ValueError(f"--timeout: must be > 0 seconds, got {args.timeout}")
+    if args.chunk < 1:
+        raise ValueError(f"--chunk: must be >= 1, got {args.chunk}")
+    if args.input.exists() and (args.out.resolve() == args.input.resolve()
+                                or (args.out.exists() and os.path.samefile(args.out, args.input))):
+        raise ValueError(f"--out {args.out} is the input file {args.input}: choose another output path")
+
+
+def _open_temp(out: Path) -> Path:
+    """An empty temporary file next to `out` (same file system, so the final rename is atomic)."""
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    existing = next(p for p in [out.parent, *out.parent.parents] if p.exists())
+    if not existing.is_dir():
+        raise OSError(f"--out {out}: cannot write there: {existing} is not a directory")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.open("w").close()
+    except OSError as exc:
+        raise OSError(f"--out {out}: cannot write there: {os.strerror(exc.errno).lower() if exc.errno else exc}"
+                      ) from None
+    return tmp
+
+
+def _write_graded(f, records: list[dict], results) -> None:
+    for record, result in zip(records, results):
+        record.update(reward=result.reward, extracted=result.extracted, status=result.status)
+        if result.detail:
+            record["detail"] = result.detail
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rence-grade", description=__doc__.splitlines()[0])
     parser.add_argument("input", type=Path, help="jsonl with 'response' and 'answer' per line")
@@ -42,25 +83,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds per item before its worker is killed")
     parser.add_argument("--fallbacks", nargs="*", default=["last_number"], choices=FALLBACKS,
                         help="answer extraction when there is no \\boxed{} (in order)")
+    parser.add_argument("--chunk", type=int, default=256, help="records graded and written per batch")
     args = parser.parse_args(argv)
     try:
+        check_args(args)
         records = load_pairs(args.input)
-    except (ValueError, FileNotFoundError) as exc:
+        tmp = _open_temp(args.out)
+    except (ValueError, FileNotFoundError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     cfg = RewardConfig(num_workers=args.workers, timeout_s=args.timeout, fallbacks=list(args.fallbacks))
-    with RewardPool(cfg) as pool:
-        results = pool.grade([r["response"] for r in records], [r["answer"] for r in records])
-        metrics = pool.metrics()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("w") as f:
-        for record, result in zip(records, results):
-            record.update(reward=result.reward, extracted=result.extracted, status=result.status)
-            if result.detail:
-                record["detail"] = result.detail
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    seconds = 0.0
+    try:
+        with RewardPool(cfg) as pool, tmp.open("w") as f:
+            for start in range(0, len(records), args.chunk):
+                chunk = records[start:start + args.chunk]
+                results = pool.grade([r["response"] for r in chunk], [r["answer"] for r in chunk])
+                seconds += pool.metrics()["reward/grade_s"]
+                _write_graded(f, chunk, results)
+                f.flush()  # on disk chunk by chunk (the temp file), not all at the end
+            metrics = pool.metrics()
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, args.out)
+    finally:
+        tmp.unlink(missing_ok=True)
     n = len(records)
-    print(f"graded {n} records in {metrics['reward/grade_s']:.2f}s: correct {metrics['reward/num_correct']}, "
+    print(f"graded {n} records in {seconds:.2f}s: correct {metrics['reward/num_correct']}, "
           f"no_answer {metrics['reward/num_no_answer']}, timeout {metrics['reward/num_timeout']}, "
           f"error {metrics['reward/num_error']} -> {args.out}", file=sys.stderr)
     return 0

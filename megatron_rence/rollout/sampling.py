@@ -38,6 +38,10 @@ def sample_next(logits: torch.Tensor, params: SamplingParams,
                 generator: Optional[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
     """Next tokens [B] (long) and their log-probs [B] (fp32) from last-position logits [B, V]."""
     logits = logits.float()
+    if not bool(torch.isfinite(logits).all()):
+        raise FloatingPointError("rollout: the policy's logits hold NaN / inf: its weights have diverged (the "
+                                 "engine serves the trainer's latest weights); lower optim.lr and --resume from "
+                                 "the last checkpoint")
     if params.temperature == 0.0:
         logprobs = torch.log_softmax(logits, dim=-1)
         tokens = torch.argmax(logits, dim=-1)

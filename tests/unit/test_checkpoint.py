@@ -134,3 +134,178 @@ def test_missing_checkpoints_name_the_path(pstate, tmp_path):
     (tmp_path / "empty" / "iter_0000009.tmp").mkdir()  # debris is never a checkpoint
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         t.load(tmp_path / "empty")
+
+
+# ---- issue 17: checksums at save, checked at load with a fallback; non-finite weights; write errors
+import errno  # noqa: E402
+import json  # noqa: E402
+
+from megatron_rence.megatron import ckpt_integrity  # noqa: E402
+
+
+def _two_checkpoints(pstate, root):
+    t = make_trainer(pstate, seed=1)
+    step(t, 0)
+    t.save(root, 1, {"step": 1})
+    first = params(t)
+    step(t, 1)
+    t.save(root, 2, {"step": 2})
+    return first
+
+
+def _truncate_distcp(ckpt):
+    path = sorted(ckpt.glob("*.distcp"))[0]
+    path.write_bytes(path.read_bytes()[:1000])
+    return path
+
+
+def _empty_run_state(ckpt):
+    (ckpt / "run_state.pt").write_bytes(b"")
+    return ckpt / "run_state.pt"
+
+
+def _garbage_common(ckpt):
+    (ckpt / "common.pt").write_bytes(b"\x80garbage" * 50)
+    return ckpt / "common.pt"
+
+
+def _garbage_inside_distcp(ckpt):
+    path = sorted(ckpt.glob("*.distcp"))[0]
+    data = bytearray(path.read_bytes())
+    offset = len(data) // 2 - 2048  # 4 KB of garbage in the tensor payload, same size
+    data[offset:offset + 4096] = bytes(
+        torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8).tolist())
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _garbage_manifest(ckpt):
+    (ckpt / "manifest.json").write_text('{"format": 1, "files": [')
+    return ckpt / "manifest.json"
+
+
+def test_manifest_lists_every_file_with_size_and_sha256(pstate, tmp_path):
+    t = make_trainer(pstate, seed=1)
+    ckpt = t.save(tmp_path, 1, {"step": 1})
+    files = json.loads((ckpt / "manifest.json").read_text())["files"]
+    on_disk = sorted(p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*") if p.is_file())
+    assert sorted([*files, "manifest.json"]) == on_disk
+    assert "run_state.pt" in files and "rng/rank_00000.pt" in files and any(f.endswith(".distcp") for f in files)
+    for name, entry in files.items():
+        assert entry["size"] == (ckpt / name).stat().st_size
+        assert entry["sha256"] == ckpt_integrity.sha256_file(ckpt / name)
+
+
+@pytest.mark.parametrize("damage", [_truncate_distcp, _empty_run_state, _garbage_common, _garbage_inside_distcp,
+                                    _garbage_manifest])
+def test_corrupt_latest_is_reported_and_the_newest_intact_one_loaded(pstate, tmp_path, capsys, damage):
+    first = _two_checkpoints(pstate, tmp_path)
+    bad_file = damage(tmp_path / "iter_0000002")
+    capsys.readouterr()
+    fresh = make_trainer(pstate, seed=5)
+    state = fresh.load(tmp_path)
+    out = capsys.readouterr().out
+    assert state["step"] == 1 and state["checkpoint"] == str(tmp_path / "iter_0000001")
+    assert "warning" in out and str(bad_file) in out and str(tmp_path / "iter_0000001") in out, out
+    for x, y in zip(params(fresh), first):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=f"checkpoint {tmp_path / 'iter_0000002'} is corrupt.*{bad_file.name}"):
+        fresh.load(tmp_path / "iter_0000002")  # named explicitly: no silent substitute
+
+
+def test_no_intact_checkpoint_names_every_corrupt_file(pstate, tmp_path):
+    _two_checkpoints(pstate, tmp_path)
+    a, b = _empty_run_state(tmp_path / "iter_0000001"), _truncate_distcp(tmp_path / "iter_0000002")
+    with pytest.raises(ValueError, match="no intact checkpoint") as err:
+        make_trainer(pstate, seed=5).load(tmp_path)
+    assert str(a) in str(err.value) and str(b) in str(err.value)
+
+
+def test_checkpoint_without_manifest_loads_unchecked_and_unreadable_files_are_named(pstate, tmp_path, capsys):
+    t = make_trainer(pstate, seed=1)
+    ckpt = t.save(tmp_path, 1, {"step": 1})
+    (ckpt / "manifest.json").unlink()  # as written before checksums existed
+    assert make_trainer(pstate, seed=5).load(tmp_path)["step"] == 1
+    assert "no manifest.json" in capsys.readouterr().out
+    (ckpt / "run_state.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match=f"{ckpt / 'run_state.pt'} is unreadable"):
+        make_trainer(pstate, seed=5).load(tmp_path)
+
+
+def test_nonfinite_weights_are_never_written_nor_made_latest(pstate, tmp_path):
+    t = make_trainer(pstate, seed=1)
+    good = t.save(tmp_path, 1, {"step": 1})
+    name, p = next(iter(t.model_chunks[0].named_parameters()))
+    with torch.no_grad():
+        p.view(-1)[3] = float("nan")
+    with pytest.raises(ckpt_integrity.NonFiniteWeights, match=f"step 2 .*parameter {name} .*NaN / inf"):
+        t.save(tmp_path, 2, {"step": 2})
+    assert not (tmp_path / "iter_0000002").exists() and not (tmp_path / "iter_0000002.tmp").exists()
+    assert checkpoint.latest(tmp_path) == good and (tmp_path / "latest").read_text().strip() == good.name
+
+
+@pytest.mark.parametrize("where", ["sharded", "worker", "torch_save"])
+def test_disk_full_names_the_path_and_no_space_left(pstate, tmp_path, monkeypatch, where):
+    t = make_trainer(pstate, seed=1)
+    good = t.save(tmp_path, 1, {"step": 1})
+
+    def enospc(*args, **kwargs):  # a fake: a real full disk needs a tiny file system mounted for the test
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def torch_full(*args, **kwargs):  # what torch.save raises on a full disk: no errno, no path
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0")
+
+    def worker_full(*args, **kwargs):  # what megatron's torch_dist writer raises: a BaseException, no errno
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        raise CheckpointException("save", {0: (RuntimeError("Worker failure: [Errno 28] No space left on device"),
+                                               [])})
+
+    if where == "sharded":
+        monkeypatch.setattr(checkpoint, "_write_sharded", enospc)
+    elif where == "worker":
+        monkeypatch.setattr(checkpoint, "_write_sharded", worker_full)
+    else:
+        monkeypatch.setattr(checkpoint.torch, "save", torch_full)
+        monkeypatch.setattr(ckpt_integrity.shutil, "disk_usage", lambda p: type("U", (), {"free": 0})())
+    with pytest.raises(ckpt_integrity.CheckpointWriteError) as err:
+        t.save(tmp_path, 2, {"step": 2})
+    monkeypatch.undo()
+    text = str(err.value)
+    assert f"writing checkpoint {tmp_path / 'iter_0000002.tmp'} failed: no space left on device" in text, text
+    assert checkpoint.latest(tmp_path) == good
+
+
+def test_permission_error_names_the_path_and_the_cause(pstate, tmp_path, monkeypatch):
+    t = make_trainer(pstate, seed=1)
+
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "x"))
+
+    monkeypatch.setattr(checkpoint, "_write_run_state", denied)
+    with pytest.raises(ckpt_integrity.CheckpointWriteError, match=f"{tmp_path / 'iter_0000001.tmp'} failed: "
+                                                                  "permission denied"):
+        t.save(tmp_path, 1, {"step": 1})
+
+
+def test_a_real_full_disk_names_the_path_and_keeps_the_previous_checkpoint(pstate, tmp_path):
+    """On a tmpfs sized for one checkpoint and a half (needs root and mount; skipped elsewhere)."""
+    import os
+    import subprocess
+
+    t = make_trainer(pstate, seed=1)
+    size = sum(p.stat().st_size for p in t.save(tmp_path / "probe", 1, {"step": 1}).rglob("*") if p.is_file())
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size * 3 // 2}", "tmpfs",
+                                            str(disk)], capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root and mount permission")
+    try:
+        good = t.save(disk, 1, {"step": 1})
+        with pytest.raises(ckpt_integrity.CheckpointWriteError) as err:
+            t.save(disk, 2, {"step": 2})
+        assert f"writing checkpoint {disk / 'iter_0000002.tmp'} failed: no space left on device" in str(err.value)
+        assert checkpoint.latest(disk) == good
+        assert make_trainer(pstate, seed=5).load(disk)["step"] == 1
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)

@@ -200,3 +200,38 @@ def test_tis_cap_combinations(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_recipe(REPO / "recipes/demo_cpu.yaml", overrides)
     assert load_recipe(REPO / "recipes/demo_cpu.yaml", ["objective.name=grpo", "objective.tis_cap=2"]).objective.tis_cap == 2
+
+
+# ---- issue 17: every count has a minimum, every timeout is > 0, and the error says where the value was set
+@pytest.mark.parametrize("override,key,message", [
+    ("train.num_steps=-5", "train.num_steps", "must be >= 1, got -5"),
+    ("model.ffn_hidden_size=0", "model.ffn_hidden_size", "must be >= 1, got 0"),
+    ("reward.num_workers=-1", "reward.num_workers", "must be >= 0, got -1"),
+    ("reward.timeout_s=0", "reward.timeout_s", "must be > 0, got 0.0"),
+    ("rollout.max_new_tokens=-1", "rollout.max_new_tokens", "must be >= 1, got -1"),
+    ("checkpoint.every=-1", "checkpoint.every", "must be >= 0, got -1"),
+    ("train.max_nonfinite_steps=0", "train.max_nonfinite_steps", "must be >= 1, got 0"),
+    ("data.max_record_bytes=0", "data.max_record_bytes", "must be >= 1, got 0"),
+])
+def test_out_of_range_override_names_the_key_and_the_command_line(recipes, override, key, message):
+    with pytest.raises(ConfigError) as err:
+        load_recipe(recipes / "child.yaml", [override])
+    text = str(err.value)
+    assert text.startswith("command-line override") and f"{key}: {message}" in text, text
+
+
+def test_out_of_range_value_in_a_file_names_that_file(recipes):
+    write(recipes / "bad_parent.yaml", {"reward": {"timeout_s": 0}, "checkpoint": {"every": -1}})
+    write(recipes / "bad_child.yaml", {"base": "bad_parent.yaml", "checkpoint": {"every": 2}})
+    with pytest.raises(ConfigError) as err:
+        load_recipe(recipes / "bad_child.yaml")
+    assert str(err.value).startswith(f"{recipes / 'bad_parent.yaml'}: reward.timeout_s: must be > 0"), err.value
+    with pytest.raises(ConfigError) as err:  # an impossible combination set on the command line says so too
+        load_recipe(recipes / "child.yaml", ["rollout.temperature=0"])
+    assert str(err.value).startswith("command-line override") and "rollout.temperature" in str(err.value)
+
+
+def test_cli_dry_run_rejects_a_negative_step_count():
+    proc = subprocess.run([sys.executable, "-m", "megatron_rence.train", "recipes/demo_cpu.yaml",
+                           "train.num_steps=-5", "--dry-run"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and "train.num_steps: must be >= 1, got -5" in proc.stderr, proc.stderr

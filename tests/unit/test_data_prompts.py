@@ -120,3 +120,53 @@ def test_mixed_files_with_different_layouts(tok, tmp_path):
     ds = PromptDataset(cfg, tok)
     assert [(p.id, p.problem, p.answer) for p in ds.next_batch(2)] == [("dapo.jsonl:1", "1+2", "3"),
                                                                       ("math.jsonl:1", "2*3", "6")]
+
+
+# ---- issue 17: invalid UTF-8 names file:line; oversized lines are counted without being read whole
+def _file_cfg(path, **kw):
+    return DataConfig(source="file", train_path=str(path), template="{problem}=", **kw)
+
+
+def test_invalid_utf8_names_file_and_line_or_is_counted(tok, tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b'{"problem": "1+1", "answer": "2"}\n{"problem": "2+\xff2", "answer": "4"}\n'
+                     b'{"problem": "3+1", "answer": "4"}\n')
+    with pytest.raises(ValueError, match=rf"{path}:2: invalid UTF-8 at byte \d+ .*data.skip_malformed"):
+        PromptDataset(_file_cfg(path), tok)
+    ds = PromptDataset(_file_cfg(path, skip_malformed=True), tok)
+    assert len(ds) == 2 and ds.metrics()["data/num_malformed"] == 1
+    as_json = tmp_path / "train.json"
+    as_json.write_bytes(b'[\n{"problem": "1+1", "answer": "2"},\n{"problem": "\xc3", "answer": "4"}\n]\n')
+    with pytest.raises(ValueError, match=rf"{as_json}:3: invalid UTF-8"):
+        PromptDataset(_file_cfg(as_json), tok)
+
+
+def test_oversized_lines_are_counted_without_reading_them_whole(tok, tmp_path):
+    import tracemalloc
+
+    path = tmp_path / "train.jsonl"
+    with path.open("w") as f:
+        f.write(json.dumps({"problem": "1+1", "answer": "2"}) + "\n")
+        f.write(json.dumps({"problem": "9" * (10 << 20), "answer": "1"}) + "\n")  # a 10 MB line
+        f.write(json.dumps({"problem": "2+2", "answer": "4"}) + "\n")
+    tracemalloc.start()
+    try:
+        ds = PromptDataset(_file_cfg(path, max_record_bytes=1 << 16), tok)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [p.answer for p in ds.prompts] == ["2", "4"]
+    assert ds.metrics()["data/num_dropped_oversized"] == 1 and ds.metrics()["data/num_malformed"] == 0
+    assert peak < 4 << 20, f"peak {peak} bytes: the 10 MB line was held in memory"
+    line = ds.summary()
+    assert line.startswith("data: 2 prompts; dropped 0 longer") and "1 lines over data.max_record_bytes=65536" in line
+
+
+def test_a_line_of_exactly_the_limit_is_kept(tok, tmp_path):
+    record = json.dumps({"problem": "1+1", "answer": "2"})
+    path = write_jsonl(tmp_path / "train.jsonl", [record, record])
+    ds = PromptDataset(_file_cfg(path, max_record_bytes=len(record) + 1, shuffle=False), tok)  # + the newline
+    assert len(ds) == 2
+    # one byte short of the record: every line is oversized, nothing usable is left
+    with pytest.raises(ValueError, match="2 lines over data.max_record_bytes"):
+        PromptDataset(_file_cfg(path, max_record_bytes=len(record) - 1), tok)
