@@ -25,6 +25,8 @@ setup(
         "test": ["pytest>=8"],
         "parquet": ["pyarrow>=14"],
         "plot": ["matplotlib>=3.7"],
+        # tools/prepare_smollm2.py (the real-model CPU recipe): transformers reads GGUF files with these
+        "real": ["gguf==0.19.0", "accelerate==1.15.0"],
     },
     entry_points={
         "console_scripts": [

@@ -62,7 +62,7 @@ class ParallelConfig:
 
 @dataclass
 class SyntheticTaskConfig:
-    """The CPU demo's verifiable task: integer arithmetic with exact answers."""
+    """The CPU recipes' verifiable tasks (data/synthetic.py): integer arithmetic or word problems, exact answers."""
 
     num_terms: int = 2
     min_value: int = 0
@@ -70,6 +70,10 @@ class SyntheticTaskConfig:
     operators: str = "+"
     num_problems: int = 5000
     seed: int = 0
+    kind: Literal["arithmetic", "word_problems"] = "arithmetic"  # "3+4" / one-step word problems (2 numbers)
+    # > 0: about a tenth of the problem space (by a hash of the text) never appears in training, and
+    # eval.benchmarks entries with format "synthetic" draw this many distinct problems from it; 0 = no split
+    num_heldout: int = 0
 
 
 @dataclass
@@ -189,6 +193,11 @@ class TrainConfig:
     # log-probs of the sampled tokens (the policy that actually sampled, e.g. with FP8 rollout weights), which
     # also skips that forward pass (and the mismatch/* metrics, which compare the two)
     old_logprobs: Literal["trainer", "engine"] = "trainer"
+    # torch intra-op threads of each process (its trainer and CPU engine share them); 0 = leave torch's
+    # setting (all cores, or OMP_NUM_THREADS: torchrun sets 1 per process). Give each process at most
+    # cores / processes-per-machine, fewer on busy machines (docs/real_model.md measures 1 vs 2).
+    num_threads: int = 0
+    max_minutes: float = 0.0  # wall-clock budget: after the step that passes it, checkpoint and stop; 0 = none
 
 
 @dataclass
@@ -217,7 +226,8 @@ class LoggingConfig:
 class BenchmarkConfig:
     name: str = ""
     path: str = ""
-    format: Literal["auto", "aime", "amc", "math500", "minerva", "olympiadbench", "gsm8k"] = "auto"
+    # "synthetic": the held-out split of data.synthetic (data.synthetic.num_heldout problems; path unused)
+    format: Literal["auto", "aime", "amc", "math500", "minerva", "olympiadbench", "gsm8k", "synthetic"] = "auto"
 
 
 @dataclass
@@ -328,6 +338,16 @@ def validate(cfg: Config, source: str = "<recipe>") -> None:
              "engine (rollout.engine=hf) exposes")
     if cfg.weights.bucket_bytes < 1:
         fail("weights.bucket_bytes", "must be >= 1")
+    if t.num_threads < 0:
+        fail("train.num_threads", f"must be >= 0 (0 = torch's default), got {t.num_threads}")
+    if t.max_minutes < 0:
+        fail("train.max_minutes", f"must be >= 0 (0 = no budget), got {t.max_minutes}")
+    syn = cfg.data.synthetic
+    if syn.num_heldout < 0:
+        fail("data.synthetic.num_heldout", f"must be >= 0, got {syn.num_heldout}")
+    if any(b.format == "synthetic" for b in cfg.eval.benchmarks) and syn.num_heldout < 1:
+        fail("data.synthetic.num_heldout", "an eval.benchmarks entry has format synthetic (the held-out split): "
+             "set data.synthetic.num_heldout >= 1")
 
 
 def check_world_size(cfg: Config, world_size: int, source: str = "<recipe>") -> int:

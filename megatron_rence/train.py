@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from megatron_rence.cli import handle_info_flags, load_or_exit, recipe_parser
+from megatron_rence.cli import handle_info_flags, load_or_exit, recipe_parser, set_cpu_threads
 from megatron_rence.config import Config, ConfigError, check_world_size
 from megatron_rence.recipe import save_resolved
 
@@ -69,6 +69,9 @@ def setup(cfg: Config, resume: bool) -> Run:
 
     pstate = parallel.initialize(cfg.parallel, cfg.train.seed)
     check_world_size(cfg, pstate.world_size)
+    threads = set_cpu_threads(cfg.train.num_threads)
+    if pstate.rank == 0:
+        print(f"torch threads per process: {threads} (train.num_threads={cfg.train.num_threads})", flush=True)
     tokenizer = load_tokenizer(cfg.model)
     vocab_size = cfg.model.vocab_size or len(tokenizer)
     if len(tokenizer) > vocab_size:
@@ -112,11 +115,17 @@ def setup(cfg: Config, resume: bool) -> Run:
 def load_starting_weights(cfg: Config, trainer, vocab_size: int, pstate) -> None:
     """checkpoint.load (weights only), else model.hf_path's safetensors, else the seeded random init stays."""
     if cfg.checkpoint.load:
+        source = f"checkpoint.load={cfg.checkpoint.load}"
         trainer.load(cfg.checkpoint.load, weights_only=True)
     elif cfg.model.hf_path:
         from megatron_rence.weights.convert import init_from_hf
 
+        source = f"model.hf_path={cfg.model.hf_path}"
         init_from_hf(trainer.model_chunks, cfg.model, vocab_size, pstate)
+    else:
+        source = f"random init (train.seed={cfg.train.seed})"
+    if pstate.rank == 0:
+        print(f"starting weights: {source}", flush=True)
 
 
 def resume_from(ckpt_dir: Path, cfg: Config, trainer, ref_trainer, dataset, objective) -> int:
@@ -201,12 +210,14 @@ def maybe_evaluate(run: Run, step: int) -> dict:
     if not (e.every and e.benchmarks and step % e.every == 0) or run.engine is None or run.engine_index != 0:
         return {}
     out_dir = Path(e.out_dir or Path(run.cfg.train.run_dir) / "eval")
-    return evaluate(run.engine, run.tokenizer, e, run.cfg.data, run.reward_pool, out_dir, step=step)
+    return evaluate(run.engine, run.tokenizer, e, run.cfg.data, run.reward_pool, out_dir, step=step,
+                    progress=run.cfg.logging.progress_bar)
 
 
 def run_training(cfg: Config, resume: bool = False) -> list[dict]:
     """Train `cfg.train.num_steps` steps (from the latest checkpoint with `resume`); returns the step metrics."""
     stop = StopFlag()
+    deadline = time.monotonic() + 60 * cfg.train.max_minutes if cfg.train.max_minutes else None
     run = setup(cfg, resume)
     history: list[dict] = []
     try:
@@ -217,11 +228,14 @@ def run_training(cfg: Config, resume: bool = False) -> list[dict]:
             if run.logger is not None:
                 run.logger.log(step, metrics)
             history.append({"step": step, **metrics})
-            stopping = run.trainer.any_rank(stop.signum is not None)
+            over_budget = deadline is not None and time.monotonic() >= deadline  # train.max_minutes
+            stopping = run.trainer.any_rank(stop.signum is not None or over_budget)
             if stopping or step == cfg.train.num_steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
                 save(run, step)
             if stopping:
-                print(f"signal {stop.signum}: checkpoint written at step {step}; exiting", flush=True)
+                reason = f"signal {stop.signum}" if stop.signum is not None else \
+                    f"train.max_minutes={cfg.train.max_minutes} reached"
+                print(f"{reason}: checkpoint written at step {step}; exiting", flush=True)
                 break
     finally:
         close(run)
