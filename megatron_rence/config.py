@@ -157,6 +157,9 @@ class ObjectiveConfig:
 class RewardConfig:
     num_workers: int = 2
     timeout_s: float = 5.0
+    # answer extraction when a response has no \boxed{} (rewards/extract.py), tried in order; [] is the strict
+    # setting (only boxed answers are graded). reward/fallback_frac and the eval tables report how many
+    # graded answers came from a fallback, reward/correct_fallback_frac how many of the correct ones
     fallbacks: list[Literal["last_number", "answer_is"]] = field(default_factory=lambda: ["last_number"])
     correct: float = 1.0
     incorrect: float = 0.0
