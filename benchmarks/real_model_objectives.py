@@ -49,7 +49,7 @@ def train_one(objective: str, out: Path, common: list[str], steps: int, keep_che
     run_dir = out / objective
     _, seconds = _run([sys.executable, "-m", "megatron_rence.train", RECIPE, f"objective.name={objective}",
                        f"train.run_dir={run_dir}", f"train.num_steps={steps}", f"eval.every={steps}",
-                       "train.max_minutes=0", "logging.progress_bar=false", "logging.plot=false", *common],
+                       "train.max_minutes=0", "eval.at_start=false", "logging.progress_bar=false", "logging.plot=false", *common],
                       f"training with {objective}")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     if not keep_checkpoints:

@@ -244,6 +244,7 @@ class EvalConfig:
     out_dir: Optional[str] = None  # default: <run_dir>/eval
     prompts_per_batch: int = 64  # prompts per engine.generate call
     seed: int = 0  # sampling seed (engines that support per-request seeds)
+    at_start: bool = False  # also evaluate the starting weights before step 1 (a fresh run; logged as step 0)
 
 
 @dataclass

@@ -222,6 +222,12 @@ def run_training(cfg: Config, resume: bool = False) -> list[dict]:
     history: list[dict] = []
     try:
         sync_weights(run, version=run.start_step)  # the engine starts from the trainer's weights
+        if cfg.eval.at_start and run.start_step == 0:  # the starting weights (eval/step_000000, summary.jsonl)
+            start = maybe_evaluate(run, 0)
+            if start:
+                print("eval at start: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(start.items())
+                                                    if k.endswith(("avg@" + str(cfg.eval.num_samples), "fallback_frac"))),
+                      flush=True)
         for step in range(run.start_step + 1, cfg.train.num_steps + 1):
             metrics = train_step(run, step)
             metrics.update(maybe_evaluate(run, step))

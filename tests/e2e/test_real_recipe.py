@@ -44,6 +44,8 @@ def test_real_recipe_runs_two_steps_with_a_tiny_model(tmp_path):
     assert [r["step"] for r in records] == [1, 2]
     assert all(0.0 <= r["reward/fallback_frac"] <= 1.0 for r in records)
     assert records[1]["eval/heldout/num_problems"] == 3 and "eval/heldout/fallback_frac" in records[1]
+    assert "eval at start: eval/avg@2=" in proc.stdout  # eval.at_start: the starting weights, before step 1
+    assert (run_dir / "eval" / "step_000000" / "results.md").is_file()
     table = (run_dir / "eval" / "step_000002" / "results.md").read_text()
     assert "| heldout | 3 |" in table and "fallback" in table
     resolved = (run_dir / "config.yaml").read_text()
