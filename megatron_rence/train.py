@@ -214,6 +214,15 @@ def maybe_evaluate(run: Run, step: int) -> dict:
                     progress=run.cfg.logging.progress_bar)
 
 
+def evaluate_at_start(run: Run) -> None:
+    """eval.at_start: the starting weights before step 1 (reports under eval/step_000000, a summary.jsonl line)."""
+    metrics = maybe_evaluate(run, 0)
+    keys = (f"avg@{run.cfg.eval.num_samples}", "fallback_frac")
+    if metrics:
+        print("eval at start: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if k.endswith(keys)),
+              flush=True)
+
+
 def run_training(cfg: Config, resume: bool = False) -> list[dict]:
     """Train `cfg.train.num_steps` steps (from the latest checkpoint with `resume`); returns the step metrics."""
     stop = StopFlag()
@@ -222,12 +231,8 @@ def run_training(cfg: Config, resume: bool = False) -> list[dict]:
     history: list[dict] = []
     try:
         sync_weights(run, version=run.start_step)  # the engine starts from the trainer's weights
-        if cfg.eval.at_start and run.start_step == 0:  # the starting weights (eval/step_000000, summary.jsonl)
-            start = maybe_evaluate(run, 0)
-            if start:
-                print("eval at start: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(start.items())
-                                                    if k.endswith(("avg@" + str(cfg.eval.num_samples), "fallback_frac"))),
-                      flush=True)
+        if cfg.eval.at_start and run.start_step == 0:
+            evaluate_at_start(run)
         for step in range(run.start_step + 1, cfg.train.num_steps + 1):
             metrics = train_step(run, step)
             metrics.update(maybe_evaluate(run, step))
