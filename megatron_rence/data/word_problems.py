@@ -1,9 +1,8 @@
 """Easy one-step arithmetic word problems with exact integer answers (the real-model CPU recipe's task).
 
     >>> import random
-    >>> problem, answer = word_problem(random.Random(3), "+", 2, 9)
-    >>> problem, answer
-    ('Noah has 5 coins. He finds 6 more coins. How many coins does Noah have now?', '11')
+    >>> word_problem(random.Random(3), "+", 2, 9)
+    ('Ben picked 5 coins in the morning and 4 coins in the afternoon. How many coins did Ben pick in all?', '9')
 
 One operation per problem, chosen from `data.synthetic.operators` ("+", "-", "*"); both numbers are drawn
 from [min_value, max_value]; subtraction never goes below zero (the larger number comes first).
