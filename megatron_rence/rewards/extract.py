@@ -6,7 +6,7 @@
     '42'
     >>> extract_answer("3 + 4 = 7", ["last_number"])
     '7'
-    >>> answer_and_source("3 + 4 = 7", ["last_number"]), answer_and_source("so \\boxed{7}", [])
+    >>> answer_and_source("3 + 4 = 7", ["last_number"]), answer_and_source(r"so \\boxed{7}", [])
     (('7', 'last_number'), ('7', 'boxed'))
 
 `reward.fallbacks: []` is the strict setting: only a boxed answer counts. Whichever is set, the metrics
