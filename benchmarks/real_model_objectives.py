@@ -134,7 +134,7 @@ def report(results: list[dict], before: dict, k: int, steps: int, note: str, spe
         lines.append(f"\nSome runs stopped before {steps} steps (see their metrics.jsonl).")
     if speeds:
         lines += ["", "Engine decoding speed (8 rows x 32 new tokens, one process): " +
-                  ", ".join(f"{t} thread{'s' if t > 1 else ''}: {v:.0f} tokens/s" for t, v in speeds.items())]
+                  ", ".join(f"{t} thread{'s' if t > 1 else ''}: {v:.1f} tokens/s" for t, v in speeds.items())]
     lines += [""] + [f"![{p.stem}]({os.path.relpath(p, doc.parent)})" for p in pngs] + ["", END]
     return "\n".join(lines)
 
