@@ -200,7 +200,9 @@ class TrainConfig:
     # setting (all cores, or OMP_NUM_THREADS: torchrun sets 1 per process). Give each process at most
     # cores / processes-per-machine, fewer on busy machines (docs/real_model.md measures 1 vs 2).
     num_threads: int = 0
-    max_minutes: float = 0.0  # wall-clock budget: after the step that passes it, checkpoint and stop; 0 = none
+    # wall-clock budget from the start of the run (setup included): checkpoint and stop after the step that
+    # passes it (all ranks agree); 0 = none
+    max_minutes: float = 0.0
 
 
 @dataclass
