@@ -3,13 +3,20 @@
 PY := .venv/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: env demo test test-all test-gpu clean
+.PHONY: env demo demo-real test test-all test-gpu clean
+SMOLLM2 := models/smollm2-135m-instruct
 
 env:
 	@bash tools/setup_env.sh
 
 demo: env
 	$(PY) -m megatron_rence.train recipes/demo_cpu.yaml $(ARGS)
+
+# A real pretrained model (SmolLM2-135M-Instruct) trained on 2 CPU cores, ~25 minutes; see the README.
+demo-real: env
+	$(PY) -c "import gguf, accelerate" 2>/dev/null || $(PY) -m pip install -q -e ".[real]"
+	$(PY) tools/prepare_smollm2.py $(SMOLLM2)
+	$(PY) -m megatron_rence.train recipes/smollm2_cpu.yaml $(ARGS)
 
 test: env
 	$(PY) -m pytest -m "not gpu" $(ARGS)

@@ -22,9 +22,12 @@ setup(
     ],
     extras_require={
         "gpu": ["sglang>=0.5", "transformer-engine[pytorch]>=2.1"],
-        "test": ["pytest>=8"],
+        # gguf + accelerate (small, pure Python) so that CI runs the GGUF converter's tests too
+        "test": ["pytest>=8", "gguf==0.19.0", "accelerate==1.15.0"],
         "parquet": ["pyarrow>=14"],
         "plot": ["matplotlib>=3.7"],
+        # tools/prepare_smollm2.py (the real-model CPU recipe): transformers reads GGUF files with these
+        "real": ["gguf==0.19.0", "accelerate==1.15.0"],
     },
     entry_points={
         "console_scripts": [

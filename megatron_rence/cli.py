@@ -26,6 +26,16 @@ def load_or_exit(args: argparse.Namespace) -> Config:
         raise SystemExit(2) from None
 
 
+def set_cpu_threads(num_threads: int) -> int:
+    """Set torch's intra-op threads for this process to `train.num_threads` (0 leaves torch's setting: its
+    default of all cores, or OMP_NUM_THREADS, which torchrun sets to 1 per process); returns the count in use."""
+    import torch
+
+    if num_threads > 0:
+        torch.set_num_threads(num_threads)
+    return torch.get_num_threads()
+
+
 def handle_info_flags(args: argparse.Namespace, cfg: Config) -> bool:
     """Handle --print-config / --dry-run; True when the caller should exit."""
     if args.print_config:

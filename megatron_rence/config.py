@@ -62,7 +62,7 @@ class ParallelConfig:
 
 @dataclass
 class SyntheticTaskConfig:
-    """The CPU demo's verifiable task: integer arithmetic with exact answers."""
+    """The CPU recipes' verifiable tasks (data/synthetic.py): integer arithmetic or word problems, exact answers."""
 
     num_terms: int = 2
     min_value: int = 0
@@ -70,6 +70,10 @@ class SyntheticTaskConfig:
     operators: str = "+"
     num_problems: int = 5000
     seed: int = 0
+    kind: Literal["arithmetic", "word_problems"] = "arithmetic"  # "3+4" / one-step word problems (2 numbers)
+    # > 0: about a tenth of the problem space (by a hash of the text) never appears in training, and
+    # eval.benchmarks entries with format "synthetic" draw this many distinct problems from it; 0 = no split
+    num_heldout: int = 0
 
 
 @dataclass
@@ -160,6 +164,9 @@ class ObjectiveConfig:
 class RewardConfig:
     num_workers: int = 2
     timeout_s: float = 5.0
+    # answer extraction when a response has no \boxed{} (rewards/extract.py), tried in order; [] is the strict
+    # setting (only boxed answers are graded). reward/fallback_frac and the eval tables report how many
+    # graded answers came from a fallback, reward/correct_fallback_frac how many of the correct ones
     fallbacks: list[Literal["last_number", "answer_is"]] = field(default_factory=lambda: ["last_number"])
     correct: float = 1.0
     incorrect: float = 0.0
@@ -204,6 +211,13 @@ class TrainConfig:
     # such steps in a row stop the run with an error naming the metric and step
     max_nonfinite_steps: int = 3
     overwrite: bool = False  # a fresh launch (no --resume) may replace the checkpoints and metrics in run_dir
+    # torch intra-op threads of each process (its trainer and CPU engine share them); 0 = leave torch's
+    # setting (all cores, or OMP_NUM_THREADS: torchrun sets 1 per process). Give each process at most
+    # cores / processes-per-machine, fewer on busy machines (docs/real_model.md measures 1 vs 2).
+    num_threads: int = 0
+    # wall-clock budget from the start of the run (setup included): checkpoint and stop after the step that
+    # passes it (all ranks agree); 0 = none
+    max_minutes: float = 0.0
 
 
 @dataclass
@@ -232,7 +246,8 @@ class LoggingConfig:
 class BenchmarkConfig:
     name: str = ""
     path: str = ""
-    format: Literal["auto", "aime", "amc", "math500", "minerva", "olympiadbench", "gsm8k"] = "auto"
+    # "synthetic": the held-out split of data.synthetic (data.synthetic.num_heldout problems; path unused)
+    format: Literal["auto", "aime", "amc", "math500", "minerva", "olympiadbench", "gsm8k", "synthetic"] = "auto"
 
 
 @dataclass
@@ -246,6 +261,7 @@ class EvalConfig:
     out_dir: Optional[str] = None  # default: <run_dir>/eval
     prompts_per_batch: int = 64  # prompts per engine.generate call
     seed: int = 0  # sampling seed (engines that support per-request seeds)
+    at_start: bool = False  # also evaluate the starting weights before step 1 (a fresh run; logged as step 0)
 
 
 @dataclass
@@ -384,6 +400,16 @@ def validate(cfg: Config, source: str = "<recipe>", where=None) -> None:
         fail("weights.bucket_bytes", "must be >= 1")
     if not r.sglang.request_timeout_s > 0:
         fail("rollout.sglang.request_timeout_s", f"must be > 0 seconds, got {r.sglang.request_timeout_s}")
+    if t.num_threads < 0:
+        fail("train.num_threads", f"must be >= 0 (0 = torch's default), got {t.num_threads}")
+    if t.max_minutes < 0:
+        fail("train.max_minutes", f"must be >= 0 (0 = no budget), got {t.max_minutes}")
+    syn = cfg.data.synthetic
+    if syn.num_heldout < 0:
+        fail("data.synthetic.num_heldout", f"must be >= 0, got {syn.num_heldout}")
+    if any(b.format == "synthetic" for b in cfg.eval.benchmarks) and syn.num_heldout < 1:
+        fail("data.synthetic.num_heldout", "an eval.benchmarks entry has format synthetic (the held-out split): "
+             "set data.synthetic.num_heldout >= 1")
 
 
 def check_world_size(cfg: Config, world_size: int, source: str = "<recipe>") -> int:

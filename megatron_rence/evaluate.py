@@ -20,10 +20,11 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
-from megatron_rence.cli import handle_info_flags, load_or_exit, recipe_parser
+from megatron_rence.cli import handle_info_flags, load_or_exit, recipe_parser, set_cpu_threads
 from megatron_rence.config import BenchmarkConfig
 from megatron_rence.data.benchmarks import FORMATS, benchmark_name, load_benchmark
 from megatron_rence.data.templates import encode_prompt, render_prompt
+from megatron_rence.rewards.math import GradeResult, fallback_fractions
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -50,8 +51,12 @@ def report_ks(k: int) -> list[int]:
     return ks + [k]
 
 
-def sample_and_grade(engine, tokenizer, records: list[dict], eval_cfg, data_cfg, reward_pool) -> list[dict]:
-    """Per-problem results: k completions of each rendered problem, graded against its answer."""
+def sample_and_grade(engine, tokenizer, records: list[dict], eval_cfg, data_cfg, reward_pool,
+                     progress: bool = False, desc: str = "eval") -> list[dict]:
+    """Per-problem results: k completions of each rendered problem, graded against its answer
+    (with `progress`, a progress bar over the problems, advanced after each engine batch)."""
+    from tqdm import tqdm
+
     from megatron_rence.rollout.types import SamplingParams
 
     params = SamplingParams(temperature=eval_cfg.temperature, top_p=eval_cfg.top_p, top_k=-1,
@@ -60,10 +65,13 @@ def sample_and_grade(engine, tokenizer, records: list[dict], eval_cfg, data_cfg,
     token_ids = [encode_prompt(render_prompt(r["problem"], tokenizer, data_cfg.template, data_cfg.instruction),
                                tokenizer, data_cfg.template) for r in records]
     completions = []
-    for start in range(0, len(records), eval_cfg.prompts_per_batch):
-        batch = engine.generate(token_ids[start:start + eval_cfg.prompts_per_batch], params, k)
-        assert all(len(samples) == k for samples in batch), "engine.generate must return n samples per prompt"
-        completions.extend(batch)
+    with tqdm(total=len(records), desc=desc, unit="problem", disable=not progress, leave=False,
+              dynamic_ncols=True) as bar:
+        for start in range(0, len(records), eval_cfg.prompts_per_batch):
+            batch = engine.generate(token_ids[start:start + eval_cfg.prompts_per_batch], params, k)
+            assert all(len(samples) == k for samples in batch), "engine.generate must return n samples per prompt"
+            completions.extend(batch)
+            bar.update(len(batch))
     texts = [c.text for samples in completions for c in samples]
     grades = reward_pool.grade(texts, [r["answer"] for r in records for _ in range(k)])
     results = []
@@ -73,13 +81,15 @@ def sample_and_grade(engine, tokenizer, records: list[dict], eval_cfg, data_cfg,
         results.append({**record, "num_correct": sum(correct), "correct": correct,
                         "responses": [c.text for c in samples], "extracted": [g.extracted for g in graded],
                         "statuses": [g.status for g in graded], "rewards": [g.reward for g in graded],
+                        "sources": [g.source for g in graded],
                         "response_lens": [len(c.token_ids) for c in samples],
                         "finish_reasons": [c.finish_reason for c in samples]})
     return results
 
 
 def summarize(results: list[dict], k: int) -> dict:
-    """avg@k, pass@j (j in report_ks(k)), mean response length and truncated fraction of one benchmark."""
+    """avg@k, pass@j (j in report_ks(k)), mean response length, truncated fraction and the shares of answers
+    (all / correct ones) that a fallback found instead of \\boxed{} (rewards.math.fallback_fractions)."""
     n = len(results)
     summary = {"num_problems": n, f"avg@{k}": sum(r["num_correct"] / k for r in results) / n}
     for j in report_ks(k):
@@ -87,18 +97,23 @@ def summarize(results: list[dict], k: int) -> dict:
     lens = [length for r in results for length in r["response_lens"]]
     summary["response_len_mean"] = sum(lens) / len(lens)
     summary["truncated_frac"] = sum(f == "length" for r in results for f in r["finish_reasons"]) / len(lens)
+    grades = [GradeResult(float(ok), None, status, source=source) for r in results
+              for ok, status, source in zip(r["correct"], r["statuses"], r["sources"])]
+    summary.update(fallback_fractions(grades))
     return summary
 
 
 def markdown_table(summaries: dict[str, dict], k: int, step: Optional[int]) -> str:
     ks = report_ks(k)
-    header = ["benchmark", "problems", f"avg@{k}"] + [f"pass@{j}" for j in ks] + ["mean len", "truncated"]
+    header = ["benchmark", "problems", f"avg@{k}"] + [f"pass@{j}" for j in ks] + ["mean len", "truncated",
+                                                                                 "fallback", "correct via fallback"]
     lines = [f"# Evaluation{'' if step is None else f' at step {step}'}", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, s in summaries.items():
         cells = [name, str(s["num_problems"]), f"{100 * s[f'avg@{k}']:.1f}"]
         cells += [f"{100 * s[f'pass@{j}']:.1f}" for j in ks]
-        cells += [f"{s['response_len_mean']:.0f}", f"{100 * s['truncated_frac']:.1f}%"]
+        cells += [f"{s['response_len_mean']:.0f}", f"{100 * s['truncated_frac']:.1f}%",
+                  f"{100 * s['fallback_frac']:.1f}%", f"{100 * s['correct_fallback_frac']:.1f}%"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -113,11 +128,12 @@ def engine_share(num_items: int, engine_index: int, num_engines: int) -> list[in
 
 
 def sample_and_grade_share(engine, tokenizer, records: list[dict], eval_cfg, data_cfg, reward_pool,
-                           shard: tuple[int, int], gather: Optional[Callable[[list], list]]) -> list[dict]:
+                           shard: tuple[int, int], gather: Optional[Callable[[list], list]],
+                           progress: bool = False, desc: str = "eval") -> list[dict]:
     """Every record's results: this engine's share sampled here (none when `engine` is None), the rest gathered."""
     mine = engine_share(len(records), *shard) if engine is not None else []
     local = list(zip(mine, sample_and_grade(engine, tokenizer, [records[i] for i in mine], eval_cfg, data_cfg,
-                                            reward_pool))) if mine else []
+                                            reward_pool, progress, desc=desc))) if mine else []
     everything = sorted(gather(local) if gather is not None else local, key=lambda item: item[0])
     assert [i for i, _ in everything] == list(range(len(records))), "every problem must be evaluated exactly once"
     return [result for _, result in everything]
@@ -125,12 +141,13 @@ def sample_and_grade_share(engine, tokenizer, records: list[dict], eval_cfg, dat
 
 def evaluate(engine, tokenizer, eval_cfg, data_cfg, reward_pool, out_dir, step: Optional[int] = None,
              shard: tuple[int, int] = (0, 1), gather: Optional[Callable[[list], list]] = None,
-             write: bool = True) -> dict:
+             write: bool = True, progress: bool = False) -> dict:
     """Evaluate every `eval_cfg.benchmarks` entry; write the reports (when `write`); return `eval/...` metrics.
 
     `shard` = (this engine's index, number of engines): this engine samples and grades its share of each
     benchmark; `gather` (a collective every rank calls: local list -> every rank's lists concatenated)
-    joins the shares. Ranks without an engine pass `engine=None` and only take part in the gather."""
+    joins the shares. Ranks without an engine pass `engine=None` and only take part in the gather.
+    `progress`: a progress bar per benchmark."""
     if eval_cfg.num_samples < 1:
         raise ValueError(f"eval.num_samples: must be >= 1, got {eval_cfg.num_samples}")
     if not eval_cfg.benchmarks:
@@ -142,8 +159,9 @@ def evaluate(engine, tokenizer, eval_cfg, data_cfg, reward_pool, out_dir, step: 
     summaries: dict[str, dict] = {}
     for bench in eval_cfg.benchmarks:
         name = benchmark_name(bench)
-        records, info = load_benchmark(bench)
-        results = sample_and_grade_share(engine, tokenizer, records, eval_cfg, data_cfg, reward_pool, shard, gather)
+        records, info = load_benchmark(bench, data_cfg.synthetic)
+        results = sample_and_grade_share(engine, tokenizer, records, eval_cfg, data_cfg, reward_pool, shard, gather,
+                                         progress, desc=f"eval {name} ({len(records)} problems x {k})")
         summaries[name] = {**summarize(results, k), **info}
         if write:
             with (out / f"{name}.jsonl").open("w") as f:
@@ -184,6 +202,8 @@ def _parse_bench(spec: str) -> BenchmarkConfig:
         raise ValueError(f"--bench {spec!r}: expected NAME=PATH[:FORMAT]")
     head, _, tail = rest.rpartition(":")
     path, fmt = (head, tail) if head and tail in FORMATS + ("auto",) else (rest, "auto")
+    if rest == "synthetic":  # --bench heldout=synthetic: the recipe's held-out split
+        path, fmt = "", "synthetic"
     return BenchmarkConfig(name=name, path=path, format=fmt)
 
 
@@ -201,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_rence.data.tokenizer import load_tokenizer
     from megatron_rence.rewards.pool import RewardPool
 
+    set_cpu_threads(cfg.train.num_threads)
+
     try:
         cfg.eval.benchmarks = list(cfg.eval.benchmarks) + [_parse_bench(b) for b in args.bench]
         if args.hf_dir is None:
@@ -214,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = args.out or Path(cfg.eval.out_dir or Path(cfg.train.run_dir) / "eval")
     try:
         with RewardPool(cfg.reward) as pool:
-            evaluate(engine, tokenizer, cfg.eval, cfg.data, pool, out_dir)
+            evaluate(engine, tokenizer, cfg.eval, cfg.data, pool, out_dir, progress=cfg.logging.progress_bar)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_rence.data.prompts import Prompt
-from megatron_rence.rewards.math import GradeResult
+from megatron_rence.rewards.math import GradeResult, fallback_fractions
 from megatron_rence.rollout.types import Completion
 
 
@@ -56,6 +56,7 @@ def rollout_metrics(exp: Experience, positive_threshold: float) -> dict[str, flo
     statuses = [g.status for row in exp.grades for g in row]
     finished = [c.finish_reason for row in exp.completions for c in row]
     total = max(len(statuses), 1)
+    fallback = fallback_fractions([g for row in exp.grades for g in row], positive_threshold)
     return {
         "reward/mean": rewards.mean().item(),
         "reward/pass_rate": positive.float().mean().item(),
@@ -63,6 +64,8 @@ def rollout_metrics(exp: Experience, positive_threshold: float) -> dict[str, flo
         "reward/no_answer_frac": statuses.count("no_answer") / total,
         "reward/timeout_frac": statuses.count("timeout") / total,
         "reward/error_frac": statuses.count("error") / total,
+        "reward/fallback_frac": fallback["fallback_frac"],  # answers found without \boxed{} (reward.fallbacks)
+        "reward/correct_fallback_frac": fallback["correct_fallback_frac"],
         "groups/mixed_frac": ((num_pos > 0) & (num_pos < k)).float().mean().item(),
         "groups/all_correct_frac": (num_pos == k).float().mean().item(),
         "groups/all_wrong_frac": (num_pos == 0).float().mean().item(),

@@ -85,7 +85,8 @@ class MetricsLogger:
 
 
 def format_line(record: dict[str, Any], keys: tuple[str, ...] = (
-        "reward/mean", "reward/pass_rate", "groups/mixed_frac", "loss/total", "rollout/response_len_mean",
+        "reward/mean", "reward/pass_rate", "reward/fallback_frac", "groups/mixed_frac", "loss/total",
+        "rollout/response_len_mean",
         "mismatch/abs_mean", "perf/rollout_s", "perf/train_s", "perf/sync_s")) -> str:
     parts = [f"step {record['step']}"]
     for key in keys:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from megatron_rence.cli import handle_info_flags, load_or_exit, recipe_parser
+from megatron_rence.cli import handle_info_flags, load_or_exit, recipe_parser, set_cpu_threads
 from megatron_rence.config import Config, ConfigError, check_world_size
 from megatron_rence.recipe import save_resolved
 
@@ -77,6 +77,9 @@ def setup(cfg: Config, resume: bool) -> Run:
 
     pstate = parallel.initialize(cfg.parallel, cfg.train.seed)
     check_world_size(cfg, pstate.world_size)
+    threads = set_cpu_threads(cfg.train.num_threads)
+    if pstate.rank == 0:
+        print(f"torch threads per process: {threads} (train.num_threads={cfg.train.num_threads})", flush=True)
     tokenizer = load_tokenizer(cfg.model)
     vocab_size = cfg.model.vocab_size or len(tokenizer)
     if len(tokenizer) > vocab_size:
@@ -234,8 +237,18 @@ def maybe_evaluate(run: Run, step: int) -> dict:
     engine = run.engine if run.engine_index >= 0 else None
     metrics = evaluate(engine, run.tokenizer, e, run.cfg.data, run.reward_pool, out_dir, step=step,
                        shard=(max(run.engine_index, 0), run.num_engines), gather=gather_objects,
-                       write=run.pstate.rank == 0)
+                       write=run.pstate.rank == 0,
+                       progress=run.cfg.logging.progress_bar and run.pstate.rank == 0)
     return metrics if run.pstate.rank == 0 else {}
+
+
+def evaluate_at_start(run: Run) -> None:
+    """eval.at_start: the starting weights before step 1 (reports under eval/step_000000, a summary.jsonl line)."""
+    metrics = maybe_evaluate(run, 0)
+    keys = (f"avg@{run.cfg.eval.num_samples}", "fallback_frac")
+    if metrics:
+        print("eval at start: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if k.endswith(keys)),
+              flush=True)
 
 
 def run_training(cfg: Config, resume: bool = False) -> list[dict]:
@@ -250,11 +263,14 @@ def _train_loop(cfg: Config, resume: bool) -> list[dict]:
     from megatron_rence.health import RunHealth
 
     stop = StopFlag()
+    deadline = time.monotonic() + 60 * cfg.train.max_minutes if cfg.train.max_minutes else None
     run = setup(cfg, resume)
     health = RunHealth(cfg.train.max_nonfinite_steps)  # NaN / inf steps in a row stop the run
     history: list[dict] = []
     try:
         sync_weights(run, version=run.start_step)  # the engine starts from the trainer's weights
+        if cfg.eval.at_start and run.start_step == 0:
+            evaluate_at_start(run)
         for step in range(run.start_step + 1, cfg.train.num_steps + 1):
             metrics = train_step(run, step)
             metrics.update(maybe_evaluate(run, step))
@@ -264,11 +280,14 @@ def _train_loop(cfg: Config, resume: bool) -> list[dict]:
                 run.logger.log(step, metrics)
             history.append({"step": step, **metrics})
             health.stop_if_diverged()
-            stopping = run.trainer.any_rank(stop.signum is not None)
+            over_budget = deadline is not None and time.monotonic() >= deadline  # train.max_minutes
+            stopping = run.trainer.any_rank(stop.signum is not None or over_budget)
             if stopping or step == cfg.train.num_steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
                 save(run, step)
             if stopping:
-                print(f"signal {stop.signum}: checkpoint written at step {step}; exiting", flush=True)
+                reason = f"signal {stop.signum}" if stop.signum is not None else \
+                    f"train.max_minutes={cfg.train.max_minutes} reached"
+                print(f"{reason}: checkpoint written at step {step}; exiting", flush=True)
                 break
     finally:
         close(run)

@@ -9,6 +9,8 @@ Schemas read (field names as published; `format: auto` picks one per file from t
   olympiadbench OlympiadBench: `question`/`final_answer` (a list; several answers are joined with ", " so
                 math-verify compares them as a set); records with images are skipped and counted
   gsm8k         GSM8K: `question`/`answer` ending in "#### N"
+  synthetic     no file: the held-out split of the recipe's `data.synthetic` task (data/synthetic.py),
+                `data.synthetic.num_heldout` problems that training never sees
 """
 from __future__ import annotations
 
@@ -83,9 +85,16 @@ def _has_image(record: dict) -> bool:
     return any(k.startswith("image") and record[k] for k in record) or "Multimodal" in str(record.get("modality", ""))
 
 
-def load_benchmark(bench_cfg) -> tuple[list[dict], dict]:
+def load_benchmark(bench_cfg, synthetic_cfg=None) -> tuple[list[dict], dict]:
     """Records `{"id", "problem", "answer"}` of one `eval.benchmarks[i]` entry, and load stats
-    `{"format", "num_skipped_images"}`. Errors name the file and line."""
+    `{"format", "num_skipped_images"}`. Errors name the file and line. Format "synthetic" needs
+    `synthetic_cfg` (the recipe's data.synthetic)."""
+    if bench_cfg.format == "synthetic":
+        if synthetic_cfg is None:
+            raise ValueError(f"eval.benchmarks: {bench_cfg.name!r}: format synthetic needs the recipe's data.synthetic")
+        from megatron_rence.data.synthetic import generate_problems
+
+        return generate_problems(synthetic_cfg, split="heldout"), {"format": "synthetic", "num_skipped_images": 0}
     if not bench_cfg.path:
         raise ValueError(f"eval.benchmarks: benchmark {bench_cfg.name!r} has no path")
     if bench_cfg.format != "auto" and bench_cfg.format not in FORMATS:
@@ -109,4 +118,6 @@ def load_benchmark(bench_cfg) -> tuple[list[dict], dict]:
 
 
 def benchmark_name(bench_cfg) -> str:
+    if not bench_cfg.name and bench_cfg.format == "synthetic":
+        return "heldout"
     return bench_cfg.name or Path(bench_cfg.path).stem

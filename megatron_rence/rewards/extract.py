@@ -6,6 +6,11 @@
     '42'
     >>> extract_answer("3 + 4 = 7", ["last_number"])
     '7'
+    >>> answer_and_source("3 + 4 = 7", ["last_number"]), answer_and_source(r"so \\boxed{7}", [])
+    (('7', 'last_number'), ('7', 'boxed'))
+
+`reward.fallbacks: []` is the strict setting: only a boxed answer counts. Whichever is set, the metrics
+report the share of graded answers that came from a fallback (`reward/fallback_frac`).
 """
 from __future__ import annotations
 
@@ -82,15 +87,20 @@ def last_number(text: str) -> str | None:
 _FALLBACK_FUNCTIONS = {"last_number": last_number, "answer_is": answer_is}
 
 
-def extract_answer(text: str, fallbacks=("last_number",)) -> str | None:
-    """The last boxed answer, else the first fallback (in the given order) that finds something."""
+def answer_and_source(text: str, fallbacks=("last_number",)) -> tuple[str | None, str | None]:
+    """(answer, where it came from: "boxed" or the fallback's name), or (None, None) when nothing is found."""
     boxed = last_boxed(text)
     if boxed is not None:
-        return boxed
+        return boxed, "boxed"
     for name in fallbacks:
         if name not in _FALLBACK_FUNCTIONS:
             raise ValueError(f"reward.fallbacks: unknown fallback {name!r}; known: {list(_FALLBACK_FUNCTIONS)}")
         found = _FALLBACK_FUNCTIONS[name](text)
         if found is not None:
-            return found
-    return None
+            return found, name
+    return None, None
+
+
+def extract_answer(text: str, fallbacks=("last_number",)) -> str | None:
+    """The last boxed answer, else the first fallback (in the given order) that finds something."""
+    return answer_and_source(text, fallbacks)[0]

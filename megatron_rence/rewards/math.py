@@ -12,6 +12,7 @@ What math-verify accepts as equal (checked in tests/unit/test_rewards_math.py): 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import threading
@@ -21,7 +22,7 @@ from typing import Literal, Optional, Sequence
 from math_verify import parse, verify
 from math_verify.errors import TimeoutException
 
-from megatron_rence.rewards.extract import extract_answer, last_boxed
+from megatron_rence.rewards.extract import answer_and_source, last_boxed
 
 Status = Literal["ok", "no_answer", "timeout", "error"]
 MAX_ANSWER_CHARS = 1000  # a longer "final answer" is not an answer; grading it could take seconds
@@ -29,12 +30,19 @@ MAX_ANSWER_CHARS = 1000  # a longer "final answer" is not an answer; grading it 
 
 @dataclass(frozen=True)
 class GradeResult:
-    """`reward` 1.0 (correct) or 0.0; `status` "ok" whenever the comparison ran to completion."""
+    """`reward` 1.0 (correct) or 0.0; `status` "ok" whenever the comparison ran to completion; `source` where
+    the extracted answer came from: "boxed", a fallback's name ("last_number", "answer_is") or None."""
 
     reward: float
     extracted: Optional[str]
     status: Status
     detail: str = ""
+    source: Optional[str] = None
+
+    @property
+    def used_fallback(self) -> bool:
+        """The answer was graded although the response has no \\boxed{} (reward.fallbacks found it)."""
+        return self.source not in (None, "boxed")
 
 
 def _as_text(value: str | bytes) -> str:
@@ -71,22 +79,22 @@ def grade(response: str | bytes, answer: str | bytes, fallbacks: Sequence[str] =
     ("last_number", "answer_is") that finds one. Bytes are decoded as UTF-8 with replacement.
     """
     response, answer = _as_text(response), normalize_reference(_as_text(answer))
-    extracted = extract_answer(response, fallbacks)
+    extracted, source = answer_and_source(response, fallbacks)
     if extracted is None or not extracted.strip():
         return GradeResult(0.0, extracted, "no_answer")
     if len(extracted) > MAX_ANSWER_CHARS:
-        return GradeResult(0.0, extracted[:100], "error", f"answer longer than {MAX_ANSWER_CHARS} characters")
+        return GradeResult(0.0, extracted[:100], "error", f"answer longer than {MAX_ANSWER_CHARS} characters", source)
     if extracted.strip() == answer:
-        return GradeResult(1.0, extracted, "ok")
+        return GradeResult(1.0, extracted, "ok", source=source)
     timeout = _inner_timeout(timeout_s)
     try:
         gold = _parse_reference(answer, timeout)
         target = parse("\\boxed{" + extracted + "}", parsing_timeout=timeout, raise_on_error=True)
     except TimeoutException:
-        return GradeResult(0.0, extracted, "timeout", "parsing timed out")
+        return GradeResult(0.0, extracted, "timeout", "parsing timed out", source)
     except Exception as exc:  # math-verify / sympy / antlr raise anything on odd input
-        return GradeResult(0.0, extracted, "error", f"parse: {type(exc).__name__}: {exc}"[:200])
-    return _compare(list(gold), target, extracted, timeout)
+        return GradeResult(0.0, extracted, "error", f"parse: {type(exc).__name__}: {exc}"[:200], source)
+    return dataclasses.replace(_compare(list(gold), target, extracted, timeout), source=source)
 
 
 def _compare(gold: list, target: list, extracted: str, timeout: Optional[int]) -> GradeResult:
@@ -101,3 +109,21 @@ def _compare(gold: list, target: list, extracted: str, timeout: Optional[int]) -
         except Exception as exc:
             failure = failure or GradeResult(0.0, extracted, "error", f"verify: {type(exc).__name__}: {exc}"[:200])
     return failure or GradeResult(0.0, extracted, "ok")
+
+
+def fallback_fractions(grades: Sequence[GradeResult], positive_threshold: float = 0.5) -> dict[str, float]:
+    """How much of the grading leaned on `reward.fallbacks` instead of a \\boxed{} answer.
+
+    `fallback_frac`: of the responses with an extracted answer, the share found by a fallback;
+    `correct_fallback_frac`: of the correct responses (reward >= threshold), the share found by a fallback.
+    Both 0.0 when there is nothing to count.
+
+    >>> r = [GradeResult(1.0, "7", "ok", source="last_number"), GradeResult(1.0, "7", "ok", source="boxed"),
+    ...      GradeResult(0.0, "8", "ok", source="last_number"), GradeResult(0.0, None, "no_answer")]
+    >>> fallback_fractions(r)
+    {'fallback_frac': 0.6666666666666666, 'correct_fallback_frac': 0.5}
+    """
+    answered = [g for g in grades if g.source is not None]
+    correct = [g for g in answered if g.reward >= positive_threshold]
+    return {"fallback_frac": sum(g.used_fallback for g in answered) / max(len(answered), 1),
+            "correct_fallback_frac": sum(g.used_fallback for g in correct) / max(len(correct), 1)}

@@ -89,22 +89,44 @@ def test_evaluate_metrics_and_reports(tmp_path):
     assert metrics["eval/toy/pass@4"] == pytest.approx(2 / 3)
     assert metrics["eval/toy/num_problems"] == 3 and metrics["eval/avg@4"] == metrics["eval/toy/avg@4"]
     assert metrics["eval/toy/truncated_frac"] == pytest.approx(1 / 12)
+    # 11 answers extracted ("" has none); 6 by last_number: "3", "2", "1", "7", "9", "so 9";
+    # 6 correct, 3 of them by last_number ("2", "9", "so 9")
+    assert metrics["eval/toy/fallback_frac"] == pytest.approx(6 / 11)
+    assert metrics["eval/toy/correct_fallback_frac"] == pytest.approx(0.5)
     out = tmp_path / "eval" / "step_000007"
     rows = [json.loads(line) for line in (out / "toy.jsonl").read_text().splitlines()]
     assert [r["num_correct"] for r in rows] == [2, 0, 4]
     assert rows[0]["correct"] == [True, False, True, False] and rows[1]["statuses"][1] == "no_answer"
     table = (out / "results.md").read_text()
-    assert "| toy | 3 | 50.0 | 50.0 | 61.1 | 66.7 |" in table
+    assert "| toy | 3 | 50.0 | 50.0 | 61.1 | 66.7 | 5 | 8.3% | 54.5% | 50.0% |" in table
+    assert rows[2]["sources"] == ["last_number", "boxed", "boxed", "last_number"]
     assert json.loads((out / "results.json").read_text())["benchmarks"]["toy"]["pass@4"] == pytest.approx(2 / 3)
     summary = (tmp_path / "eval" / "summary.jsonl").read_text().splitlines()
     assert len(summary) == 1 and json.loads(summary[0])["step"] == 7
 
 
 def test_summarize_single_sample():
-    results = [{"num_correct": 1, "response_lens": [3], "finish_reasons": ["stop"]},
-               {"num_correct": 0, "response_lens": [5], "finish_reasons": ["length"]}]
+    results = [{"num_correct": 1, "response_lens": [3], "finish_reasons": ["stop"], "correct": [True],
+                "statuses": ["ok"], "sources": ["boxed"]},
+               {"num_correct": 0, "response_lens": [5], "finish_reasons": ["length"], "correct": [False],
+                "statuses": ["no_answer"], "sources": [None]}]
     s = summarize(results, 1)
     assert s["avg@1"] == s["pass@1"] == 0.5 and s["response_len_mean"] == 4 and s["truncated_frac"] == 0.5
+    assert s["fallback_frac"] == s["correct_fallback_frac"] == 0.0
+
+
+def test_synthetic_heldout_benchmark(tmp_path):
+    """format synthetic: the recipe's held-out split, no file; the same problems on every call."""
+    from megatron_rence.config import SyntheticTaskConfig
+    from megatron_rence.data.benchmarks import load_benchmark
+    from megatron_rence.data.synthetic import is_heldout
+
+    task = SyntheticTaskConfig(kind="word_problems", min_value=1, max_value=20, operators="+-", num_heldout=12)
+    records, info = load_benchmark(BenchmarkConfig(format="synthetic"), task)
+    assert len(records) == 12 and info["format"] == "synthetic" and all(is_heldout(r["problem"]) for r in records)
+    assert records == load_benchmark(BenchmarkConfig(name="h", format="synthetic"), task)[0]
+    with pytest.raises(ValueError, match="data.synthetic.num_heldout"):
+        load_benchmark(BenchmarkConfig(format="synthetic"), SyntheticTaskConfig())
 
 
 def test_rence_eval_argument_errors(tmp_path, capsys):

@@ -113,3 +113,25 @@ def test_grade_works_off_the_main_thread():
 def test_normalize_reference():
     assert normalize_reference(" $\\frac{1}{2}$ ") == "\\frac{1}{2}"
     assert normalize_reference("\\boxed{12}") == "12"
+
+
+def test_grade_says_where_the_answer_came_from():
+    boxed = grade("so \\boxed{7}", "7")
+    assert (boxed.reward, boxed.source, boxed.used_fallback) == (1.0, "boxed", False)
+    found = grade("it is 7", "7", ["last_number"])
+    assert (found.reward, found.source, found.used_fallback) == (1.0, "last_number", True)
+    assert grade("The answer is 7.", "7", ["answer_is"]).source == "answer_is"
+    strict = grade("it is 7", "7", [])  # reward.fallbacks: [] -- only boxed answers count
+    assert (strict.reward, strict.status, strict.source, strict.used_fallback) == (0.0, "no_answer", None, False)
+
+
+def test_fallback_fractions_by_hand():
+    from megatron_rence.rewards.math import GradeResult, fallback_fractions
+
+    grades = [GradeResult(1.0, "7", "ok", source="boxed"), GradeResult(1.0, "7", "ok", source="last_number"),
+              GradeResult(1.0, "7", "ok", source="last_number"), GradeResult(0.0, "9", "ok", source="boxed"),
+              GradeResult(0.0, None, "no_answer"), GradeResult(0.0, "x", "error", source="answer_is")]
+    # answered 5 (no_answer has no source): fallbacks 3; correct 3: fallbacks 2
+    assert fallback_fractions(grades) == {"fallback_frac": 3 / 5, "correct_fallback_frac": 2 / 3}
+    assert fallback_fractions([]) == {"fallback_frac": 0.0, "correct_fallback_frac": 0.0}
+    assert fallback_fractions(grades[:1] + grades[3:4]) == {"fallback_frac": 0.0, "correct_fallback_frac": 0.0}
