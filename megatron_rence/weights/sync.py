@@ -85,7 +85,7 @@ def _numel(shape) -> int:
 
 def _assemble(plan: TensorPlan, flat: torch.Tensor, tp: int) -> torch.Tensor:
     """The full tensor from its TP pieces laid end to end in TP-rank order (`flat`, 1-D, tp x piece)."""
-    if plan.tp_dim is None:
+    if plan.tp_dim is None or tp == 1:  # one piece is the whole tensor ([gate; up] already for fc1)
         return flat[:_numel(plan.full_shape)].view(plan.full_shape)
     if plan.tp_dim == 0 and not plan.fused_gate_up:
         return flat.view(plan.full_shape)  # row shards end to end are the full tensor: no copy
@@ -188,7 +188,7 @@ class Transport:
     def _start(self, plan: TensorPlan, held):
         """('full', tensor, None) when no gather is needed, else ('flat', tp x piece buffer, async work or None)."""
         own = plan.pp_rank == self.stage
-        if plan.tp_dim is None and own:
+        if own and (plan.tp_dim is None or self.tp == 1):  # this rank holds the full tensor
             return "full", self._param(plan), None
         if self.strategy == "some":
             pieces = [self._local_piece(plan) if own and t == self.t else self._received_piece(held, plan, t)
