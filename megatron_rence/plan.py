@@ -17,6 +17,7 @@ from megatron_rence.cli import handle_info_flags, load_or_exit, recipe_parser
 from megatron_rence.config import Config
 from megatron_rence.planning.layout import Layout, check_layout
 from megatron_rence.planning.memory import GiB, PHASES, Hardware, MemoryPlan, memory_plan
+from megatron_rence.planning.sync_cost import Bandwidth, SyncCost, sync_cost
 
 
 @dataclass
@@ -27,6 +28,7 @@ class PlanReport:
     memory: Optional[MemoryPlan]
     vocab_size: int
     notes: list[str] = field(default_factory=list)
+    sync: Optional[SyncCost] = None  # weight-sync bytes and seconds (planning/sync_cost.py)
 
     @property
     def problems(self) -> list[str]:
@@ -66,7 +68,7 @@ def resolve_vocab_size(cfg: Config) -> int:
     return len(load_tokenizer(m))
 
 
-def plan(cfg: Config, hw: Hardware) -> PlanReport:
+def plan(cfg: Config, hw: Hardware, bw: Bandwidth = Bandwidth()) -> PlanReport:
     """Layout checks and (when the layout is valid) the memory plan for `cfg` on `hw`."""
     cfg, notes = resolve_model(cfg)
     on_cpu = cfg.train.device == "cpu"
@@ -77,7 +79,8 @@ def plan(cfg: Config, hw: Hardware) -> PlanReport:
         memory = memory_plan(cfg, hw, vocab, layout.dp, layout.num_microbatches, on_cpu=on_cpu)
     if cfg.train.device == "auto":
         notes.append("train.device=auto: planned for GPUs")
-    return PlanReport(cfg, hw, layout, memory, vocab, notes)
+    sync = sync_cost(cfg, vocab, hw.world_size, hw.gpus_per_node, bw) if not layout.errors else None
+    return PlanReport(cfg, hw, layout, memory, vocab, notes, sync)
 
 
 def _memory_problems(mem: MemoryPlan, cfg: Config) -> list[str]:
@@ -145,6 +148,8 @@ def render(report: PlanReport, recipe: str) -> str:
         lines.append(f"rollout   trainer keeps {mem.rollout_trainer_resident / GiB:.2f} GiB/GPU during rollout; "
                      f"a step's sequences at full length need {e.kv_tokens_needed:,} KV tokens per engine")
         lines.extend(_table(mem))
+    if report.sync is not None:
+        lines.append(_sync_line(report.sync))
     lines += [f"warning   {w}" for w in lay.warnings + (_kv_warnings(mem) if mem is not None else [])]
     problems = report.problems
     lines += [f"error     {msg}" for msg in problems]
@@ -166,6 +171,14 @@ def _kv_warnings(mem: MemoryPlan) -> list[str]:
         out.append(f"rollout.sglang.mem_fraction_static: an engine restarted next to the trainer's rollout residue "
                    f"holds {mem.kv_tokens_after_restart:,} of the {e.kv_tokens_needed:,} KV tokens a step needs")
     return out
+
+
+def _sync_line(c: SyncCost) -> str:
+    busiest = c.counts[c.busiest_rank]
+    return (f"sync      weights: est. {c.estimate_s:.2f} s per sync (transfers {c.transfer_s:.2f}, engine load "
+            f"{c.engine_s:.2f}, latency {c.latency_s:.2f}); busiest rank {c.busiest_rank} sends "
+            f"{busiest.sent / 1e9:.1f} GB ({busiest.sent_inter / 1e9:.1f} inter-node), max per rank "
+            f"{c.max_rank_send / 1e9:.1f} GB; model {c.model_bytes / 1e9:.1f} GB")
 
 
 def _count(n: float) -> str:
@@ -200,6 +213,8 @@ def to_json(report: PlanReport) -> dict:
                    rollout_trainer_resident_gib=mem.rollout_trainer_resident / GiB,
                    items={i.name: i.bytes / GiB for i in worst.items},
                    totals_gib={ph: worst.totals[ph] / GiB for ph in PHASES})
+    if report.sync is not None:
+        out["sync"] = report.sync.to_json()
     return out
 
 
@@ -219,6 +234,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="count the s^2 softmax activations (no flash/fused attention)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     add_cluster_args(parser)
+    parser.add_argument("--nvlink-gbps", type=float, default=Bandwidth.nvlink_gbps,
+                        help="GB/s per GPU and direction within a node (default: H100 NVLink 4)")
+    parser.add_argument("--ib-gbps", type=float, default=Bandwidth.ib_gbps,
+                        help="GB/s per GPU and direction between nodes (default: 400 Gb/s InfiniBand per GPU)")
     args = parser.parse_intermixed_args(argv)
     cfg = load_or_exit(args)
     if handle_info_flags(args, cfg):
@@ -226,7 +245,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     hw = Hardware(nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu_mem_gb=args.gpu_mem_gb,
                   reserve_gb=args.reserve_gb, engine_residue_gb=args.engine_residue_gb, grad_dtype=args.grad_dtype,
                   flash_attention=not args.unfused_attention)
-    report = plan(cfg, hw)
+    report = plan(cfg, hw, Bandwidth(nvlink_gbps=args.nvlink_gbps, ib_gbps=args.ib_gbps))
     if args.json:
         print(json.dumps(to_json(report), indent=2))
     else:

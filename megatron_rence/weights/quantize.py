@@ -22,6 +22,7 @@ import torch
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 BLOCK = 128
+CHUNK_BYTES = 64 * 2**20  # fp32 working set of one quantisation step
 _LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)\.weight$")
 
 
@@ -29,20 +30,31 @@ def is_quantized_linear(name: str) -> bool:
     return _LINEAR.match(name) is not None
 
 
-def quantize_block_fp8(weight: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float8_e4m3fn weight, float32 scale_inv [ceil(out/block), ceil(in/block)]) with |q| <= 448."""
+def quantize_block_fp8(weight: torch.Tensor, block: int = BLOCK,
+                       chunk_bytes: int = CHUNK_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float8_e4m3fn weight, float32 scale_inv [ceil(out/block), ceil(in/block)]) with |q| <= 448.
+
+    Works through runs of whole row blocks of at most about `chunk_bytes` in fp32, so the fp32 temporaries
+    are bounded by the chunk, not the tensor (the result does not depend on the chunk size)."""
     if weight.dim() != 2:
         raise ValueError(f"block FP8 needs a 2-D weight, got shape {tuple(weight.shape)}")
     rows, cols = weight.shape
     br, bc = -(-rows // block), -(-cols // block)
-    w = weight.float()
-    padded = torch.zeros(br * block, bc * block, dtype=torch.float32, device=w.device)
-    padded[:rows, :cols] = w
-    blocks = padded.view(br, block, bc, block)
-    amax = blocks.abs().amax(dim=(1, 3))  # [br, bc]
-    scale_inv = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    q = (blocks / scale_inv[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-    return q.view(br * block, bc * block)[:rows, :cols].contiguous(), scale_inv
+    q = torch.empty(rows, cols, dtype=FP8, device=weight.device)
+    scale_inv = torch.empty(br, bc, dtype=torch.float32, device=weight.device)
+    step = max(1, chunk_bytes // (bc * block * block * 4)) * block  # rows per chunk: whole row blocks
+    for r0 in range(0, rows, step):
+        part = weight[r0:r0 + step]
+        nr, nbr = part.shape[0], -(-part.shape[0] // block)
+        padded = torch.zeros(nbr * block, bc * block, dtype=torch.float32, device=weight.device)
+        padded[:nr, :cols] = part
+        blocks = padded.view(nbr, block, bc, block)
+        amax = blocks.abs().amax(dim=(1, 3))  # [nbr, bc]
+        scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+        blocks.div_(scale[:, None, :, None]).clamp_(-FP8_MAX, FP8_MAX)
+        q[r0:r0 + nr] = padded[:nr, :cols].to(FP8)
+        scale_inv[r0 // block:r0 // block + nbr] = scale
+    return q, scale_inv
 
 
 def dequantize_block_fp8(q: torch.Tensor, scale_inv: torch.Tensor, block: int = BLOCK) -> torch.Tensor:

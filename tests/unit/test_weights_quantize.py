@@ -34,6 +34,18 @@ def test_error_bound_of_e4m3():
         quantize_block_fp8(torch.zeros(4))
 
 
+
+def test_chunked_quantisation_equals_one_pass():
+    """Row-block chunks bound the fp32 temporaries; the values and scales are the same as in one pass."""
+    torch.manual_seed(1)
+    w = (torch.randn(300, 260) * 0.05).bfloat16()
+    w[200, 3] = 2.0  # an outlier in the second row block
+    whole = quantize_block_fp8(w, chunk_bytes=1 << 30)
+    for chunk_bytes in (1, 3 * 128 * 128 * 4):  # one row block per step, exactly one block row of fp32
+        q, scale_inv = quantize_block_fp8(w, chunk_bytes=chunk_bytes)
+        assert torch.equal(q.view(torch.uint8), whole[0].view(torch.uint8)) and torch.equal(scale_inv, whole[1])
+    assert whole[1][1, 0] == 2.0 / 448 and whole[1].shape == (3, 3)
+
 def test_bucket_quantises_only_linear_weights_and_round_trips():
     bucket = [("model.embed_tokens.weight", torch.randn(10, 8)),
               ("model.layers.0.self_attn.q_proj.weight", torch.randn(8, 8)),
