@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from megatron_rence.config import Config
 from megatron_rence.data.prompts import Prompt
-from megatron_rence.experience import Experience, rollout_metrics
+from megatron_rence.experience import Experience, keep_hard_negatives, rollout_metrics
 from megatron_rence.rollout.engine import EngineRestartedError
 from megatron_rence.rollout.mismatch import mismatch_metrics
 from megatron_rence.rollout.types import SamplingParams
@@ -29,6 +29,12 @@ def sampling_params(cfg: Config, step: int) -> SamplingParams:
     return SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                           max_new_tokens=r.max_new_tokens, stop=list(r.stop),
                           seed=cfg.train.seed * 1_000_003 + step)
+
+
+def samples_per_prompt(cfg: Config) -> int:
+    """Completions the engine samples per prompt: rollout.num_samples, plus objective.hard_negative_samples
+    from which train_phase keeps the hardest negatives."""
+    return cfg.rollout.num_samples + cfg.objective.hard_negative_samples
 
 
 def engine_layout(cfg: Config, rank: int, world_size: int) -> tuple[Optional[int], int]:
@@ -158,8 +164,11 @@ def train_phase(exp: Experience, trainer, ref_trainer, objective, cfg: Config) -
     With train.old_logprobs=engine the engine's log-probs of the sampled tokens are the old policy: no
     trainer forward pass for them, and no mismatch/* metrics (nothing to compare them with)."""
     t0 = time.perf_counter()
+    metrics = {}
+    if cfg.objective.hard_negative_samples:  # K + extra samples per prompt -> K, keeping the hardest negatives
+        exp, metrics = keep_hard_negatives(exp, cfg.rollout.num_samples, cfg.objective.positive_threshold)
     prepared = objective.prepare(exp.rewards, exp.lengths, cfg.rollout.max_new_tokens)
-    metrics = dict(prepared.metrics)
+    metrics.update(prepared.metrics)
     kept = exp.select(prepared.keep)
     metrics["groups/kept_frac"] = len(kept.prompts) / max(len(exp.prompts), 1)
     if not kept.prompts:

@@ -157,7 +157,7 @@ def sync_weights(run: Run, version: int) -> dict:
 
 
 def train_step(run: Run, step: int) -> dict:
-    from megatron_rence.phases import rollout_phase, sampling_params, train_phase
+    from megatron_rence.phases import rollout_phase, samples_per_prompt, sampling_params, train_phase
 
     t0 = time.perf_counter()
     cfg = run.cfg
@@ -165,7 +165,7 @@ def train_step(run: Run, step: int) -> dict:
     restarts = 0.0
     while True:
         exp, metrics = rollout_phase(prompts, run.engine, run.reward_pool, sampling_params(cfg, step),
-                                     cfg.rollout.num_samples, run.engine_index, run.num_engines,
+                                     samples_per_prompt(cfg), run.engine_index, run.num_engines,
                                      cfg.objective.positive_threshold)
         if exp is not None:
             break

@@ -144,7 +144,7 @@ def padded_seq_len(cfg: Config) -> int:
 
 def engine_info(cfg: Config, hw: Hardware, params: ModelParams, on_cpu: bool) -> EngineInfo:
     m, r = cfg.model, cfg.rollout
-    sequences = r.prompts_per_step * r.num_samples
+    sequences = r.prompts_per_step * (r.num_samples + cfg.objective.hard_negative_samples)  # as sampled
     if r.engine == "hf":  # one transformers engine per rank, full weights, KV grows with its sequences
         act = 4 if on_cpu else _DTYPE_BYTES[m.dtype]
         per_token = 2 * m.num_layers * m.num_query_groups * m.head_dim * act
