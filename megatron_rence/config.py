@@ -128,7 +128,7 @@ class ObjectiveConfig:
 
     name: Literal["rence", "grpo", "dapo", "online_dpo"] = "rence"
     positive_threshold: float = 0.5  # reward >= threshold is a positive
-    # ReNCE (see objectives/rence.py for which parts are confirmed and which reconstructed)
+    # ReNCE (objectives/rence.py and docs/design.md say which source each part comes from)
     beta: float = 1.0  # score scale on the log-ratio; also the DPO beta
     margin_alpha: float = 0.0  # margin alpha * (r_p - mean negative reward) subtracted from positives' scores
     reduce_positives: Literal["mean", "sum"] = "mean"

@@ -1,6 +1,6 @@
 """The phases of one training step (rollout, train, sync), each a function of explicit components.
 
-train.py calls them in the order of DESIGN.md's step diagram; this module holds the glue between
+train.py calls them in the order of docs/design.md's step diagram; this module holds the glue between
 packages (who generates, who grades, how the batch reaches every rank) so that train.py stays short.
 """
 from __future__ import annotations

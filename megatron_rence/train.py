@@ -1,6 +1,6 @@
 """Training entry point: `python -m megatron_rence.train RECIPE [overrides] [--print-config|--dry-run|--resume]`.
 
-One step, as in DESIGN.md: prompts -> engine.generate(K) -> rewards -> groups -> release engine memory
+One step, as in docs/design.md: prompts -> engine.generate(K) -> rewards -> groups -> release engine memory
 -> log-likelihoods -> objective -> optimizer step -> weight sync -> metrics; evaluation every
 `eval.every` steps, a checkpoint every `checkpoint.every` steps and on SIGTERM / SIGUSR1 / Ctrl-C.
 """
