@@ -16,7 +16,8 @@ up to its abstract and the first paragraphs of its introduction; its method sect
       divided by the response length with objective.length_normalize (our option);
     - a reward-scaled margin with an adaptive size (alpha) on the positives. Our rule, the paper's being
       unknown: m_p = margin_alpha * (r_p - mean_{n in N} r_n), subtracted from s_p. With the verifier's 0/1
-      rewards it is the constant alpha for every positive; it still changes the loss (see docs/design.md);
+      rewards it is the same constant alpha * (correct - incorrect) for every positive; it still changes the
+      loss (docs/design.md works it out);
     - a KL penalty to a reference policy whose coefficient adapts over a window: ours is k3 per token, mean
       over a sequence's tokens, mean over the group, coefficient objective.kl_coef moved towards
       objective.kl_target with time constant objective.kl_window (kl.AdaptiveKLController);
