@@ -153,7 +153,7 @@ class ObjectiveConfig:
     ref_update_every: int = 0  # semi-online DPO: refresh the reference every s steps (0 = never)
     # ReNCE hard negatives (objectives/groups.py, hard_negative_selection): the engine samples K + this many
     # completions per prompt; each group keeps K of them with the sampled positive fraction, its negatives
-    # being those with the highest mean per-token log-prob under the sampling policy. 0 = off
+    # being those with the highest mean per-token log-prob under the sampling policy. 0 = off; rence only
     hard_negative_samples: int = 0
     # dual-clip PPO (grpo / dapo; verl's clip_ratio_c, default 3 there): for a negative advantage A the
     # per-token loss is capped at dual_clip_c * |A|, so a token whose ratio grew past dual_clip_c gives no
@@ -342,11 +342,15 @@ def validate(cfg: Config, source: str = "<recipe>") -> None:
         fail("weights.bucket_bytes", "must be >= 1")
     if o.hard_negative_samples < 0:
         fail("objective.hard_negative_samples", f"must be >= 0, got {o.hard_negative_samples}")
-    if o.hard_negative_samples and o.name != "rence":
-        fail("objective.hard_negative_samples", f"hard-negative selection is part of the ReNCE recipe; "
-             f"objective.name={o.name} does not use it (set it to 0)")
     if o.dual_clip_c is not None and o.dual_clip_c <= 1.0:
         fail("objective.dual_clip_c", f"must be > 1 (the cap is dual_clip_c * |A|), got {o.dual_clip_c}")
+
+
+def samples_per_prompt(cfg: Config) -> int:
+    """Completions the engine samples per prompt: rollout.num_samples, plus objective.hard_negative_samples
+    (ReNCE only) from which the train phase keeps each group's hardest negatives."""
+    extra = cfg.objective.hard_negative_samples if cfg.objective.name == "rence" else 0
+    return cfg.rollout.num_samples + extra
 
 
 def check_world_size(cfg: Config, world_size: int, source: str = "<recipe>") -> int:

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_rence.config import Config
+from megatron_rence.config import Config, samples_per_prompt
 from megatron_rence.data.prompts import Prompt
 from megatron_rence.experience import Experience, keep_hard_negatives, rollout_metrics
 from megatron_rence.rollout.engine import EngineRestartedError
@@ -29,12 +29,6 @@ def sampling_params(cfg: Config, step: int) -> SamplingParams:
     return SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                           max_new_tokens=r.max_new_tokens, stop=list(r.stop),
                           seed=cfg.train.seed * 1_000_003 + step)
-
-
-def samples_per_prompt(cfg: Config) -> int:
-    """Completions the engine samples per prompt: rollout.num_samples, plus objective.hard_negative_samples
-    from which train_phase keeps the hardest negatives."""
-    return cfg.rollout.num_samples + cfg.objective.hard_negative_samples
 
 
 def engine_layout(cfg: Config, rank: int, world_size: int) -> tuple[Optional[int], int]:
@@ -165,7 +159,7 @@ def train_phase(exp: Experience, trainer, ref_trainer, objective, cfg: Config) -
     trainer forward pass for them, and no mismatch/* metrics (nothing to compare them with)."""
     t0 = time.perf_counter()
     metrics = {}
-    if cfg.objective.hard_negative_samples:  # K + extra samples per prompt -> K, keeping the hardest negatives
+    if samples_per_prompt(cfg) > cfg.rollout.num_samples:  # K + extra samples per prompt -> K (hard negatives)
         exp, metrics = keep_hard_negatives(exp, cfg.rollout.num_samples, cfg.objective.positive_threshold)
     prepared = objective.prepare(exp.rewards, exp.lengths, cfg.rollout.max_new_tokens)
     metrics.update(prepared.metrics)

@@ -157,7 +157,8 @@ def sync_weights(run: Run, version: int) -> dict:
 
 
 def train_step(run: Run, step: int) -> dict:
-    from megatron_rence.phases import rollout_phase, samples_per_prompt, sampling_params, train_phase
+    from megatron_rence.config import samples_per_prompt
+    from megatron_rence.phases import rollout_phase, sampling_params, train_phase
 
     t0 = time.perf_counter()
     cfg = run.cfg

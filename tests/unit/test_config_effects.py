@@ -38,6 +38,15 @@ def test_t_easy_warning_iff_the_filter_drops_no_contrastive_group(k):
     assert "objective.t_easy" not in keys(rence(k, t_easy=1.0))  # 1.0 is "off", not a mistake
 
 
+def test_hard_negative_samples_only_for_rence():
+    from megatron_rence.config import samples_per_prompt
+
+    cfg = rence(k=8, hard_negative_samples=4)
+    assert samples_per_prompt(cfg) == 12 and keys(cfg) == []
+    cfg.objective.name = "grpo"  # the baselines on the paper recipe sample K and warn that the key does nothing
+    assert samples_per_prompt(cfg) == 8 and keys(cfg) == ["objective.hard_negative_samples"]
+
+
 def test_keys_another_objective_does_not_read():
     cfg = rence(margin_alpha=1.0, t_easy=0.5, beta=2.0)
     cfg.objective.name = "grpo"
@@ -67,13 +76,12 @@ def test_beta_warning_only_where_beta_only_scales_the_gradient():
 def test_warnings_are_emitted_at_load_naming_the_key():
     with pytest.warns(ConfigWarning, match=r"qwen3_4b_paper\.yaml: objective\.margin_alpha: 1\.0 has no effect "
                                            r"with objective\.name=grpo"):
-        load_recipe(PAPER, ["objective.name=grpo", "objective.hard_negative_samples=0"])
+        load_recipe(PAPER, ["objective.name=grpo"])
     with pytest.warns(ConfigWarning, match=r"objective\.t_easy: 0\.875 drops no group at rollout\.num_samples=8"):
         load_recipe(PAPER, ["objective.t_easy=0.875"])
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["objective.name=grpo"], r"objective\.hard_negative_samples: .*objective\.name=grpo"),
     (["objective.hard_negative_samples=-1"], r"objective\.hard_negative_samples: must be >= 0"),
     (["objective.name=dapo", "objective.hard_negative_samples=0", "objective.dual_clip_c=1.0"],
      r"objective\.dual_clip_c: must be > 1"),

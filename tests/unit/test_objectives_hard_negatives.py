@@ -77,7 +77,8 @@ def test_keep_hard_negatives_on_an_experience():
 
 def test_train_phase_trains_on_k_of_the_oversampled_completions():
     from megatron_rence.objectives import get_objective
-    from megatron_rence.phases import samples_per_prompt, train_phase
+    from megatron_rence.config import samples_per_prompt
+    from megatron_rence.phases import train_phase
 
     cfg = Config()
     cfg.rollout.num_samples, cfg.objective.hard_negative_samples = 4, 2
