@@ -14,6 +14,10 @@ class ConfigError(ValueError):
     """A user error in a recipe or override; the message names the dotted key (and file when known)."""
 
 
+class ConfigWarning(UserWarning):
+    """A recipe setting that cannot have an effect (config.ineffective_settings); the message names the key."""
+
+
 @dataclass
 class ModelConfig:
     """Decoder-only transformer (Llama-3 / Qwen2.5 / Qwen3 families)."""
@@ -135,7 +139,7 @@ class ObjectiveConfig:
 
     name: Literal["rence", "grpo", "dapo", "online_dpo"] = "rence"
     positive_threshold: float = 0.5  # reward >= threshold is a positive
-    # ReNCE (see objectives/rence.py for which parts are confirmed and which reconstructed)
+    # ReNCE (objectives/rence.py and docs/design.md say which source each part comes from)
     beta: float = 1.0  # score scale on the log-ratio; also the DPO beta
     margin_alpha: float = 0.0  # margin alpha * (r_p - mean negative reward) subtracted from positives' scores
     reduce_positives: Literal["mean", "sum"] = "mean"
@@ -158,6 +162,14 @@ class ObjectiveConfig:
     # online DPO
     max_pairs_per_group: int = 1  # 0 = all |P|*|N| pairs
     ref_update_every: int = 0  # semi-online DPO: refresh the reference every s steps (0 = never)
+    # ReNCE hard negatives (objectives/groups.py, hard_negative_selection): the engine samples K + this many
+    # completions per prompt; each group keeps K of them with the sampled positive fraction, its negatives
+    # being those with the highest mean per-token log-prob under the sampling policy. 0 = off; rence only
+    hard_negative_samples: int = 0
+    # dual-clip PPO (grpo / dapo; verl's clip_ratio_c, default 3 there): for a negative advantage A the
+    # per-token loss is capped at dual_clip_c * |A|, so a token whose ratio grew past dual_clip_c gives no
+    # gradient. None = off; must be > 1
+    dual_clip_c: Optional[float] = None
 
 
 @dataclass
@@ -410,6 +422,17 @@ def validate(cfg: Config, source: str = "<recipe>", where=None) -> None:
     if any(b.format == "synthetic" for b in cfg.eval.benchmarks) and syn.num_heldout < 1:
         fail("data.synthetic.num_heldout", "an eval.benchmarks entry has format synthetic (the held-out split): "
              "set data.synthetic.num_heldout >= 1")
+    if o.hard_negative_samples < 0:
+        fail("objective.hard_negative_samples", f"must be >= 0, got {o.hard_negative_samples}")
+    if o.dual_clip_c is not None and o.dual_clip_c <= 1.0:
+        fail("objective.dual_clip_c", f"must be > 1 (the cap is dual_clip_c * |A|), got {o.dual_clip_c}")
+
+
+def samples_per_prompt(cfg: Config) -> int:
+    """Completions the engine samples per prompt: rollout.num_samples, plus objective.hard_negative_samples
+    (ReNCE only) from which the train phase keeps each group's hardest negatives."""
+    extra = cfg.objective.hard_negative_samples if cfg.objective.name == "rence" else 0
+    return cfg.rollout.num_samples + extra
 
 
 def check_world_size(cfg: Config, world_size: int, source: str = "<recipe>") -> int:
@@ -423,3 +446,55 @@ def check_world_size(cfg: Config, world_size: int, source: str = "<recipe>") -> 
         raise ConfigError(f"{source}: train.global_batch_size: {t.global_batch_size} is not divisible by "
                           f"train.micro_batch_size*dp={t.micro_batch_size}*{dp}")
     return dp
+
+
+# objective keys each objective reads (the others have no effect for it); name / positive_threshold / kl_* for all
+_OBJECTIVE_KEYS = {
+    "rence": {"beta", "margin_alpha", "reduce_positives", "length_normalize", "t_easy", "hard_negative_samples"},
+    "grpo": {"clip_eps_low", "clip_eps_high", "token_level_loss", "dynamic_sampling", "overlong_buffer",
+             "overlong_penalty", "normalize_std", "tis_cap", "dual_clip_c"},
+    "online_dpo": {"beta", "length_normalize", "max_pairs_per_group", "ref_update_every"},
+}
+_OBJECTIVE_KEYS["dapo"] = _OBJECTIVE_KEYS["grpo"]
+_COMMON_OBJECTIVE_KEYS = {"name", "positive_threshold", "kl_coef", "kl_target", "kl_window"}
+
+
+def ineffective_settings(cfg: Config) -> list[tuple[str, str]]:
+    """(dotted key, why) for each setting that cannot change training (recipe.load_recipe warns about them).
+
+    Only settings whose effect is provably nil are listed (docs/design.md, "Settings that cannot have an
+    effect", works each case out):
+    - an objective key that `objective.name` does not read, set away from its default;
+    - objective.kl_window without objective.kl_target (the coefficient is fixed);
+    - objective.t_easy below 1 that drops no group at K = rollout.num_samples: ReNCE trains only groups with
+      1..K-1 positives, whose positive fraction is at most (K-1)/K, so t_easy >= (K-1)/K drops none;
+    - objective.beta (ReNCE) with one optimizer step per rollout, old log-probs from the trainer, no KL term
+      and no gradient clipping: every score beta * (log pi - log pi_old) is 0 at the update, so beta only
+      multiplies the whole gradient, which Adam's normalisation undoes (up to optim.adam_eps).
+    """
+    o, r, t = cfg.objective, cfg.rollout, cfg.train
+    defaults = ObjectiveConfig()
+    out: list[tuple[str, str]] = []
+    reads = _OBJECTIVE_KEYS.get(o.name, set()) | _COMMON_OBJECTIVE_KEYS
+    for f in dataclasses.fields(ObjectiveConfig):
+        value = getattr(o, f.name)
+        if f.name not in reads and value != getattr(defaults, f.name):
+            out.append((f"objective.{f.name}", f"{value!r} has no effect with objective.name={o.name}"))
+    if o.kl_target is None and o.kl_window != defaults.kl_window:
+        out.append(("objective.kl_window", f"{o.kl_window} has no effect without objective.kl_target "
+                    f"(the KL coefficient stays objective.kl_coef={o.kl_coef})"))
+    if o.name != "rence":
+        return out
+    k = r.num_samples
+    if o.t_easy < 1.0 and (k - 1) / k <= o.t_easy:
+        out.append(("objective.t_easy", f"{o.t_easy} drops no group at rollout.num_samples={k}: a group with "
+                    f"both positives and negatives has a positive fraction of at most {k - 1}/{k}, and groups "
+                    f"without negatives are dropped anyway (choose t_easy < {(k - 1) / k:.4g})"))
+    one_step = t.global_batch_size >= r.prompts_per_step * r.num_samples
+    has_kl = o.kl_coef > 0 or o.kl_target is not None
+    if (o.beta != defaults.beta and one_step and t.old_logprobs == "trainer" and not has_kl
+            and cfg.optim.clip_grad == 0):
+        out.append(("objective.beta", f"{o.beta} has no effect: with one optimizer step per rollout "
+                    f"(train.global_batch_size={t.global_batch_size}) every ReNCE score is 0 at the update, so "
+                    f"beta only scales the gradient, which Adam undoes (no KL term, optim.clip_grad=0)"))
+    return out

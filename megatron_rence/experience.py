@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_rence.data.prompts import Prompt
+from megatron_rence.objectives.groups import contrastive_groups, hard_negative_selection
 from megatron_rence.rewards.math import GradeResult, fallback_fractions
 from megatron_rence.rollout.types import Completion
 
@@ -37,6 +38,17 @@ class Experience:
         idx = [i for i, k in enumerate(keep.tolist()) if k]
         return Experience([self.prompts[i] for i in idx], [self.completions[i] for i in idx],
                           [self.grades[i] for i in idx])
+
+    def take(self, index: torch.Tensor) -> "Experience":
+        """Per group g, the samples index[g] ([G,k] long), in that order."""
+        rows = index.tolist()
+        return Experience(self.prompts, [[c[j] for j in r] for c, r in zip(self.completions, rows)],
+                          [[g[j] for j in r] for g, r in zip(self.grades, rows)])
+
+    def mean_rollout_logprobs(self) -> torch.Tensor:
+        """[G, K] each completion's mean per-token log-prob under the sampling policy (-inf when empty)."""
+        return torch.tensor([[sum(c.logprobs) / len(c.logprobs) if c.logprobs else float("-inf") for c in row]
+                             for row in self.completions], dtype=torch.float32)
 
     def sequences(self) -> list[tuple[list[int], int]]:
         """(prompt + response token ids, prompt length) per sequence, row-major."""
@@ -74,3 +86,20 @@ def rollout_metrics(exp: Experience, positive_threshold: float) -> dict[str, flo
         "rollout/truncated_frac": finished.count("length") / total,
         "rollout/num_sequences": float(total),
     }
+
+
+def keep_hard_negatives(exp: Experience, k: int, positive_threshold: float) -> tuple[Experience, dict[str, float]]:
+    """K' -> k samples per group: the sampled positive fraction, the negatives most likely under the sampling
+    policy (objectives.groups.hard_negative_selection, objective.hard_negative_samples); metrics compare the
+    kept negatives' mean per-token log-prob with that of all sampled negatives."""
+    is_pos = exp.rewards >= positive_threshold
+    hardness = exp.mean_rollout_logprobs()
+    index = hard_negative_selection(is_pos, hardness, k)
+    kept = torch.zeros_like(is_pos).scatter_(1, index, True)
+    usable = contrastive_groups(is_pos).unsqueeze(1) & torch.isfinite(hardness)
+    neg_all, neg_kept = usable & ~is_pos, usable & ~is_pos & kept
+    metrics = {}
+    if neg_kept.any():
+        metrics["groups/hard_neg_logprob_kept"] = hardness[neg_kept].mean().item()
+        metrics["groups/hard_neg_logprob_all"] = hardness[neg_all].mean().item()
+    return exp.take(index), metrics

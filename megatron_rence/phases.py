@@ -1,6 +1,6 @@
 """The phases of one training step (rollout, train, sync), each a function of explicit components.
 
-train.py calls them in the order of DESIGN.md's step diagram; this module holds the glue between
+train.py calls them in the order of docs/design.md's step diagram; this module holds the glue between
 packages (who generates, who grades, how the batch reaches every rank) so that train.py stays short.
 """
 from __future__ import annotations
@@ -12,9 +12,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_rence.config import Config
+from megatron_rence.config import Config, samples_per_prompt
 from megatron_rence.data.prompts import Prompt
-from megatron_rence.experience import Experience, rollout_metrics
+from megatron_rence.experience import Experience, keep_hard_negatives, rollout_metrics
 from megatron_rence.rollout.engine import EngineRestartedError
 from megatron_rence.rollout.mismatch import mismatch_metrics
 from megatron_rence.rollout.types import SamplingParams
@@ -161,8 +161,11 @@ def train_phase(exp: Experience, trainer, ref_trainer, objective, cfg: Config) -
     With train.old_logprobs=engine the engine's log-probs of the sampled tokens are the old policy: no
     trainer forward pass for them, and no mismatch/* metrics (nothing to compare them with)."""
     t0 = time.perf_counter()
+    metrics = {}
+    if samples_per_prompt(cfg) > cfg.rollout.num_samples:  # K + extra samples per prompt -> K (hard negatives)
+        exp, metrics = keep_hard_negatives(exp, cfg.rollout.num_samples, cfg.objective.positive_threshold)
     prepared = objective.prepare(exp.rewards, exp.lengths, cfg.rollout.max_new_tokens)
-    metrics = dict(prepared.metrics)
+    metrics.update(prepared.metrics)
     kept = exp.select(prepared.keep)
     metrics["groups/kept_frac"] = len(kept.prompts) / max(len(exp.prompts), 1)
     if not kept.prompts:

@@ -10,12 +10,13 @@ import dataclasses
 import os
 import types
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, Union
 
 import yaml
 
-from megatron_rence.config import Config, ConfigError, validate
+from megatron_rence.config import Config, ConfigError, ConfigWarning, ineffective_settings, validate
 
 _MAX_BASE_DEPTH = 16
 
@@ -31,6 +32,8 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     cfg = build(Config, raw, prefix="", sources=sources, default_source=str(path))
     fill_model_from_hf(cfg, raw.get("model") or {}, sources, str(path))
     validate(cfg, source=str(path), where=lambda key: _where(key, sources, str(path)))
+    for key, why in ineffective_settings(cfg):
+        warnings.warn(f"{path}: {key}: {why}", ConfigWarning, stacklevel=2)
     return cfg
 
 

@@ -1,6 +1,6 @@
 """Training entry point: `python -m megatron_rence.train RECIPE [overrides] [--print-config|--dry-run|--resume]`.
 
-One step, as in DESIGN.md: prompts -> engine.generate(K) -> rewards -> groups -> release engine memory
+One step, as in docs/design.md: prompts -> engine.generate(K) -> rewards -> groups -> release engine memory
 -> log-likelihoods -> objective -> optimizer step -> weight sync -> metrics; evaluation every
 `eval.every` steps, a checkpoint every `checkpoint.every` steps and on SIGTERM / SIGUSR1 / Ctrl-C.
 """
@@ -186,6 +186,7 @@ def sync_weights(run: Run, version: int) -> dict:
 
 
 def train_step(run: Run, step: int) -> dict:
+    from megatron_rence.config import samples_per_prompt
     from megatron_rence.phases import rollout_phase, sampling_params, train_phase
 
     t0 = time.perf_counter()
@@ -194,7 +195,7 @@ def train_step(run: Run, step: int) -> dict:
     restarts = 0.0
     while True:
         exp, metrics = rollout_phase(prompts, run.engine, run.reward_pool, sampling_params(cfg, step),
-                                     cfg.rollout.num_samples, run.engine_index, run.num_engines,
+                                     samples_per_prompt(cfg), run.engine_index, run.num_engines,
                                      cfg.objective.positive_threshold)
         if exp is not None:
             break

@@ -1,6 +1,6 @@
 """Targeted, reversible patches that let megatron-core run on a CPU-only torch build (gloo, local spec, fp32 or bf16).
 
-megatron-core assumes CUDA in a few dozen places (DESIGN.md, "Facts about the stack"). Without CUDA,
+megatron-core assumes CUDA in a few dozen places (docs/design.md, "Running megatron-core without CUDA"). Without CUDA,
 ``apply()`` patches exactly those spots and records every patch so ``restore()`` can undo them:
 
 * ``torch.cuda.current_device()`` is used as ``device=`` in ~40 places: it returns ``torch.device("cpu")``;

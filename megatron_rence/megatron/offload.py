@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import gc
 import time
-from typing import Optional
 
 import torch
 

@@ -1,8 +1,10 @@
-"""Group helpers: positive/negative split, group filters, advantages, overlong shaping, DPO pairs.
+"""Group helpers: positive/negative split, group filters, hard negatives, advantages, overlong shaping, DPO pairs.
 
 All functions are pure torch on [G,K] tensors (G groups of K completions of one prompt).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -108,3 +110,30 @@ def group_metrics(is_positive: torch.Tensor, keep: torch.Tensor) -> dict[str, fl
         "groups/all_positive_frac": (num_pos == k).float().sum().item() / num_groups,
         "groups/all_negative_frac": (num_pos == 0).float().sum().item() / num_groups,
     }
+
+
+def hard_negative_selection(is_positive: torch.Tensor, hardness: torch.Tensor, k: int) -> torch.Tensor:
+    """[G,k] long: which k of each group's K' >= k samples to keep (ascending sample order).
+
+    Our reading of the summaries' "hard negatives" (objective.hard_negative_samples): over-sample, then keep
+    the negatives the policy finds most likely. In a group with P' positives and N' negatives out of K',
+    n_pos = floor(k * P' / K' + 1/2) clipped to [1, k-1] positives are kept (the first ones in sampling
+    order, so the kept group has the positive fraction that was sampled) and k - n_pos negatives with the
+    highest `hardness` [G,K'] (ties: earlier sample first). Since k <= K', 1 <= n_pos <= P' and
+    k - n_pos <= N' always hold. A group without a positive or without a negative keeps its first k samples
+    (the contrastive objectives drop it either way).
+    """
+    g, k_big = is_positive.shape
+    assert hardness.shape == (g, k_big) and 1 <= k <= k_big, (tuple(hardness.shape), k, k_big)
+    rows = []
+    for pos_row, hard_row in zip(is_positive.tolist(), hardness.tolist()):
+        pos = [j for j, p in enumerate(pos_row) if p]
+        neg = [j for j, p in enumerate(pos_row) if not p]
+        if not pos or not neg:
+            rows.append(list(range(k)))
+            continue
+        n_pos = min(max(math.floor(k * len(pos) / k_big + 0.5), 1), k - 1)
+        hardest = sorted(neg, key=lambda j: (-hard_row[j], j))[:k - n_pos]
+        assert n_pos <= len(pos) and len(hardest) == k - n_pos
+        rows.append(sorted(pos[:n_pos] + hardest))
+    return torch.tensor(rows, dtype=torch.long).reshape(g, k)

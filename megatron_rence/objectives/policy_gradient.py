@@ -15,10 +15,15 @@ max_new_tokens). Every refinement is an option of both presets; only the default
     objective.dynamic_sampling      false           true
     objective.overlong_buffer       0 (off)         0 (off; set it relative to rollout.max_new_tokens)
     objective.tis_cap               None (off)      None (off)
+    objective.dual_clip_c           None (off)      None (off)
 Truncated importance sampling (objective.tis_cap = C, as in verl / slime): when the engine samples from a
 slightly different policy than the trainer's pi_old (FP8 rollout weights, other kernels), each token's
 clipped-surrogate term is multiplied by w_it = min(pi_old / pi_rollout, C) (no gradient; the KL term is not
 weighted).
+Dual clip (objective.dual_clip_c = c > 1, as verl's clip_ratio_c, whose default there is 3; Ye et al. 2020): for
+a negative advantage the clipped term above is capped, l_it = min(l_it, c * |A_i|), so a token whose ratio
+has grown past c (a sample the policy now favours although it was bad) stops pushing its gradient ~rho * |A|.
+Positive advantages are unchanged. Off by default here; verl applies it always.
 """
 from __future__ import annotations
 
@@ -51,6 +56,8 @@ class PolicyGradient(ObjectiveBase):
                              f"got {self.clip_eps_low} / {self.clip_eps_high}")
         if cfg.tis_cap is not None and cfg.tis_cap <= 0:
             raise ValueError(f"objective.tis_cap must be > 0, got {cfg.tis_cap}")
+        if cfg.dual_clip_c is not None and cfg.dual_clip_c <= 1.0:
+            raise ValueError(f"objective.dual_clip_c must be > 1, got {cfg.dual_clip_c}")
         if self.clip_eps_low >= 1:
             raise ValueError(f"objective.clip_eps_low must be < 1 (the lower clip bound is 1 - eps), "
                              f"got {self.clip_eps_low}")
@@ -84,7 +91,13 @@ class PolicyGradient(ObjectiveBase):
         adv = advantages.reshape(-1, 1)  # [N,1]
         ratio = torch.exp(batch.log_ratio())  # [N,T]; 1 off the response
         clipped_ratio = ratio.clamp(1.0 - self.clip_eps_low, 1.0 + self.clip_eps_high)
-        per_token = batch.masked(-torch.min(ratio * adv, clipped_ratio * adv))
+        surrogate = -torch.min(ratio * adv, clipped_ratio * adv)  # [N,T]
+        dual_clipped = None
+        if self.cfg.dual_clip_c is not None:  # verl's dual clip: a negative advantage's loss is capped at c*|A|
+            cap = -adv * self.cfg.dual_clip_c  # [N,1]
+            dual_clipped = batch.token_mask() & (adv < 0) & (surrogate > cap)
+            surrogate = torch.where(adv < 0, torch.minimum(surrogate, cap), surrogate)
+        per_token = batch.masked(surrogate)
         mask = batch.token_mask()
         tis = self._tis_weights(batch) if self.cfg.tis_cap is not None else None
         if tis is not None:
@@ -110,6 +123,8 @@ class PolicyGradient(ObjectiveBase):
                 "objective/num_sequences": float(batch.logprobs.shape[0]),
                 "objective/num_tokens": float(mask.sum().item()),
             }
+            if dual_clipped is not None:
+                metrics["objective/dual_clip_frac"] = reduce(dual_clipped.float()).item() / normalizer
             if tis is not None:
                 metrics["objective/tis_weight_mean"] = reduce(batch.masked(tis[0])).item() / normalizer
                 metrics["objective/tis_clip_frac"] = reduce(tis[1].float()).item() / normalizer

@@ -1,24 +1,31 @@
 """ReNCE: online multi-label noise contrastive estimation over each prompt's verified positives and negatives.
 
-Provenance of each piece (see DESIGN.md, "ReNCE loss"; the paper's method section was not readable here):
-  CONFIRMED (paper abstract/introduction; the authors' earlier multi-label NCE code, EntQA `sum_log_nce`):
-    - per prompt the K completions are split by the verifier into positives P and negatives N;
-    - multi-label NCE: each positive is contrasted with the negatives ONLY, never with other positives:
+Where each piece comes from (docs/design.md, "ReNCE loss"). The paper (arXiv 2601.22432) could be read here only
+up to its abstract and the first paragraphs of its introduction; its method section was not readable.
+  ABSTRACT: per prompt the K outcomes are split into a positive and a negative set (by the verifier here), the
+    likelihood of the positives is maximised, and the approach is described as an online instance of
+    (multi-label) noise contrastive estimation. The abstract positions it as an alternative to GRPO's
+    refinements (asymmetric clipping, zero-variance filtering, which "require significant empirical insight");
+    whether any of them would help ReNCE is not something it states, so none is excluded here.
+  AUTHORS' EARLIER CODE (EntQA, `sum_log_nce`; that ReNCE keeps this form is our inference): each positive is
+  contrasted with the negatives only, never with the other positives:
           L(x) = sum_{p in P} -log( exp(s_p) / (exp(s_p) + sum_{n in N} exp(s_n)) )
-    - none of DAPO's refinements (clip-higher, token-level loss, overlong penalty) are needed.
-  RECONSTRUCTED (second-hand summary; each is a recipe option, and the defaults switch it off where possible):
-    - score = log-ratio to the rollout policy (the classic NCE logit log p_theta - log q):
+  SECONDARY SUMMARIES of the full paper (machine summaries; the forms and values below are ours):
+    - score = log-ratio to the policy that sampled the rollouts (the classic NCE logit log p_theta - log q):
           s_k = beta * sum_t mask * (log pi_theta - log pi_old)          [objective.beta]
-      divided by the response length with objective.length_normalize;
-    - reward-scaled margin subtracted from each positive's score, size objective.margin_alpha. Our rule,
-      since the paper's adaptive rule is unknown: m_p = alpha * (r_p - mean_{n in N} r_n), i.e. scaled by
-      the group's reward gap between that positive and the negatives (1 for binary 1/0 rewards). It adapts
-      to graded rewards and is unchanged when all rewards shift by a constant;
-    - KL penalty to a reference policy (k3 per token, mean over a sequence's tokens, mean over the group),
-      coefficient objective.kl_coef, adapted towards objective.kl_target over objective.kl_window steps
-      (kl.AdaptiveKLController);
-    - dynamic prompt filter: groups whose positive fraction exceeds objective.t_easy are dropped;
-    - mean (default) or sum over positives: objective.reduce_positives (the paper's choice is unknown).
+      divided by the response length with objective.length_normalize (our option);
+    - a reward-scaled margin with an adaptive size (alpha) on the positives. Our rule, the paper's being
+      unknown: m_p = margin_alpha * (r_p - mean_{n in N} r_n), subtracted from s_p. With the verifier's 0/1
+      rewards it is the same constant alpha * (correct - incorrect) for every positive; it still changes the
+      loss (docs/design.md works it out);
+    - a KL penalty to a reference policy whose coefficient adapts over a window: ours is k3 per token, mean
+      over a sequence's tokens, mean over the group, coefficient objective.kl_coef moved towards
+      objective.kl_target with time constant objective.kl_window (kl.AdaptiveKLController);
+    - dynamic prompt filtering with hard negatives: groups whose positive fraction exceeds objective.t_easy
+      are dropped (prepare); objective.hard_negative_samples over-samples and keeps the negatives most likely
+      under the sampling policy (groups.hard_negative_selection; our reading);
+    - sensitivity to t_easy, alpha and beta; Qwen3-4B on DAPO-Math + MATH; six benchmarks.
+  OUR CHOICES: mean (default) or sum over positives (objective.reduce_positives); the normalisation below.
   ALWAYS: groups without a positive or without a negative give no gradient (prepare drops them, and the loss
   gives them exactly zero weight if they reach it); the loss is the mean over those usable groups of the
   global batch (normalizer = number of usable groups).

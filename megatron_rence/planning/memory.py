@@ -56,7 +56,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from megatron_rence.config import Config
+from megatron_rence.config import Config, samples_per_prompt
 from megatron_rence.planning.activations import layer_activation, stage_activation_bytes
 from megatron_rence.planning.params import ModelParams, layer_params, model_params, padded_vocab_size, stage_params
 
@@ -184,7 +184,7 @@ def padded_seq_len(cfg: Config) -> int:
 
 def engine_info(cfg: Config, hw: Hardware, params: ModelParams, on_cpu: bool) -> EngineInfo:
     m, r = cfg.model, cfg.rollout
-    sequences = r.prompts_per_step * r.num_samples
+    sequences = r.prompts_per_step * samples_per_prompt(cfg)  # as sampled (hard negatives: K + extra)
     step_tokens = sequences * (cfg.data.max_prompt_len + r.max_new_tokens)
     if r.engine == "hf":  # one transformers engine per rank, full weights, KV grows with its sequences
         act = 4 if on_cpu else _DTYPE_BYTES[m.dtype]

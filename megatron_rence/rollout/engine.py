@@ -1,6 +1,6 @@
 """The rollout engine protocol every engine implements, and `build_engine` that picks one from the recipe.
 
-A training step uses an engine in this order (DESIGN.md, "One training step")::
+A training step uses an engine in this order (docs/design.md, "One training step")::
 
     engine.generate(prompts, params, n)          rollouts with weight version v
     engine.release_memory()                      GPU: weights and KV cache leave the GPU for training

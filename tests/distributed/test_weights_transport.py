@@ -6,21 +6,19 @@ rank) and feeding the CPU engine (rank 0 only: the other replica moves nothing);
 and QKV bias (Qwen2) feeding every rank, plus its FP8 stream; PP2 x VPP2 x DP2 (TP1). The grid the transport
 gathers from the live groups must be megatron's order as the cost model assumes it.
 """
-import dataclasses
 import faulthandler
 from pathlib import Path
 
 import launcher
 import torch
 import torch.distributed as dist
-import transformers
 from safetensors.torch import load_file
 
 from megatron_rence.config import Config, ParallelConfig
 from megatron_rence.megatron import parallel
 from megatron_rence.megatron.model import build_model
 from megatron_rence.phases import engine_feed_ranks
-from megatron_rence.planning.sync_cost import ALIGN, rank_bytes, sync_tensors
+from megatron_rence.planning.sync_cost import rank_bytes, sync_tensors
 from megatron_rence.weights import sync
 from megatron_rence.weights.convert import init_from_hf, model_config_for
 from megatron_rence.weights.quantize import quantize_bucket

@@ -74,6 +74,23 @@ def test_fp8_rollouts_with_the_engines_old_logprobs(tmp_path):
     assert max(r.get("train/weights_changed", 0.0) for r in records) > 0.0
 
 
+def test_every_rence_component_runs_the_loop(tmp_path):
+    """The paper recipe's components together on the tiny model: hard negatives (4 + 2 sampled, 4 kept),
+    margin, adaptive KL, the easy filter and two optimizer steps per rollout."""
+    run_dir = tmp_path / "run"
+    _train(run_dir, "train.num_steps=3", "checkpoint.every=0", "objective.hard_negative_samples=2",
+           "objective.margin_alpha=1.0", "objective.kl_coef=0.01", "objective.kl_target=0.05",
+           "objective.t_easy=0.75", "train.global_batch_size=8")
+    records = _metrics(run_dir)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(r["rollout/num_sequences"] == 4 * 6 for r in records)  # K + hard_negative_samples sampled
+    trained = [r for r in records if not r["train/skipped"]]
+    assert trained, "no step had a group with both positives and negatives"
+    for r in trained:
+        assert 1 <= r["train/optimizer_steps"] <= 2 and r["train/num_sequences"] <= 8  # whole groups of K=4
+    assert len({r["objective/kl_coef"] for r in records}) > 1  # the adaptive KL coefficient moved
+
+
 def _group_members(pgid: int) -> list[int]:
     """Live (not zombie) processes of process group `pgid` (Linux /proc)."""
     members = []

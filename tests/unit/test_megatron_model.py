@@ -1,7 +1,7 @@
 """build_model: Llama / Qwen2 / Qwen3 variants give the logits of the transformers model with the same weights.
 
 The Megatron -> HF weight layout here is a small test-side mapping (the product's mapping lives in
-weights/mapping); it encodes DESIGN.md's layout facts: QKV interleaved per query group, fc1 = [gate; up].
+weights/mapping); it encodes docs/design.md's layout facts: QKV interleaved per query group, fc1 = [gate; up].
 """
 import dataclasses
 import sys

@@ -183,3 +183,36 @@ def test_tis_ignores_junk_off_the_mask():
         results.append((loss.item(), lp.grad.clone(), metrics["objective/tis_weight_mean"]))
     assert results[0][0] == results[1][0] and torch.equal(results[0][1], results[1][1])
     assert results[0][2] == results[1][2] and math.isfinite(results[0][0])
+
+
+def test_dual_clip_caps_negative_advantages_by_hand():
+    # one token per sequence; rewards [1, 0] -> A = [+0.5, -0.5] (normalize_std off); eps 0.2; c = 3.
+    # A < 0, ratio 4: PPO term max(-A * 4, -A * clip(4) = -A * 1.2) = 2.0; dual clip min(2.0, 3 * 0.5 = 1.5) = 1.5,
+    #   a constant: gradient 0 (without the dual clip it is -A * ratio = 2.0).
+    # A > 0, ratio 4: clipped at 1.2 as before: term -0.6, gradient 0 (the dual clip never touches A > 0).
+    r = math.log(4.0)
+    b = batch([[r], [r]], [1, 0])
+    loss, metrics = pg(normalize_std=False, dual_clip_c=3.0)(b, 2.0)
+    loss.backward()
+    assert loss.item() == pytest.approx((-0.6 + 1.5) / 2, rel=1e-5)
+    torch.testing.assert_close(b.logprobs.grad, torch.tensor([[0.0], [0.0]]))
+    assert metrics["objective/dual_clip_frac"] == pytest.approx(0.5)  # one of two sequences
+    b = batch([[r], [r]], [1, 0])
+    loss, metrics = pg(normalize_std=False)(b, 2.0)  # off (the default): the A < 0 token keeps its gradient
+    loss.backward()
+    assert loss.item() == pytest.approx((-0.6 + 2.0) / 2, rel=1e-5)
+    torch.testing.assert_close(b.logprobs.grad, torch.tensor([[0.0], [1.0]]))  # -A * ratio / normalizer 2
+    assert "objective/dual_clip_frac" not in metrics
+    # below the cap (ratio 2 < 3) the dual clip changes nothing: term -A * 2 = 1.0, gradient 1.0 (DAPO, token level)
+    r = math.log(2.0)
+    for c in (None, 3.0):
+        b = batch([[0.0], [r]], [1, 0])
+        loss, _ = pg("dapo", normalize_std=False, dual_clip_c=c)(b, 1.0)
+        loss.backward()
+        assert loss.item() == pytest.approx(-0.5 + 1.0, rel=1e-5)
+        torch.testing.assert_close(b.logprobs.grad, torch.tensor([[-0.5], [1.0]]))
+
+
+def test_dual_clip_must_exceed_one():
+    with pytest.raises(ValueError, match="objective.dual_clip_c"):
+        pg(dual_clip_c=1.0)

@@ -171,3 +171,20 @@ def test_large_scores_are_stable():
     loss.backward()
     assert loss.item() == pytest.approx(math.log1p(math.exp(-50.0)), abs=1e-12)
     assert torch.isfinite(b.logprobs.grad).all()
+
+
+def test_constant_margin_reweights_groups_at_theta_old():
+    # 0/1 rewards: m = alpha for every positive. At s = 0 a positive's gradient is -w / normalizer with
+    # w = sigmoid(log|N| + m) = |N| e^m / (1 + |N| e^m) (docs/design.md). Two groups of K=4 (one positive each):
+    # |N| = 3 and, with a second positive, |N| = 2 (mean over positives halves each positive's share).
+    rewards = [1, 0, 0, 0, 1, 1, 0, 0]
+    e = math.e
+    for alpha, w3, w2 in [(0.0, 3 / 4, 2 / 3), (1.0, 3 * e / (1 + 3 * e), 2 * e / (1 + 2 * e))]:
+        b = batch([0.0] * 8, rewards, k=4)
+        rence(margin_alpha=alpha)(b, 2.0)[0].backward()
+        g = b.logprobs.grad[:, 0]
+        torch.testing.assert_close(g[[0, 4, 5]], torch.tensor([-w3, -w2 / 2, -w2 / 2]) / 2)
+        torch.testing.assert_close(g[[1, 6]], torch.tensor([w3 / 3, w2 / 2]) / 2)  # negatives: w / |N| each
+    # the ratio of the two groups' weights moves from (3/4)/(2/3) = 1.125 to about 1.055: not a global scale,
+    # so Adam does not undo it (a margin with 0/1 rewards is constant, yet not without effect)
+    assert (3 / 4) / (2 / 3) != pytest.approx((3 * e / (1 + 3 * e)) / (2 * e / (1 + 2 * e)), rel=1e-2)

@@ -1,6 +1,6 @@
 """Pure name and layout mapping between full (TP-merged) Megatron tensors and Hugging Face tensors.
 
-Layout facts (DESIGN.md): `linear_qkv` interleaves per query group `[q (heads_per_group*head_dim),
+Layout facts (docs/design.md, "Layout facts"): `linear_qkv` interleaves per query group `[q (heads_per_group*head_dim),
 k (head_dim), v (head_dim)] x num_query_groups`; `linear_fc1` is `[gate; up]`; embeddings and the output
 layer are padded to a multiple of `make_vocab_size_divisible_by * tp` rows; with the Transformer Engine
 spec the layer norms live inside the following linear as `layer_norm_weight`.

@@ -1,0 +1,125 @@
+"""Settings that cannot have an effect (config.ineffective_settings, warned at load), the objective keys added
+for the ReNCE reconstruction, and the paper recipe's ablations (each switches off one component)."""
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_rence.config import Config, ConfigError, ConfigWarning, ineffective_settings, to_dict
+from megatron_rence.objectives.groups import contrastive_groups, too_easy
+from megatron_rence.recipe import load_recipe
+
+REPO = Path(__file__).resolve().parents[2]
+PAPER = REPO / "recipes/qwen3_4b_paper.yaml"
+
+
+def keys(cfg: Config) -> list[str]:
+    return [key for key, _ in ineffective_settings(cfg)]
+
+
+def rence(k: int = 8, **objective) -> Config:
+    cfg = Config()
+    cfg.rollout.num_samples, cfg.rollout.prompts_per_step, cfg.train.global_batch_size = k, 32, 32 * k
+    cfg.objective = dataclasses.replace(cfg.objective, **objective)
+    return cfg
+
+
+@pytest.mark.parametrize("k", range(2, 17))
+def test_t_easy_warning_iff_the_filter_drops_no_contrastive_group(k):
+    # every possible contrastive group at K: 1..K-1 positives; the warning must agree with too_easy itself
+    num_pos = torch.arange(1, k)
+    is_pos = torch.arange(k)[None, :] < num_pos[:, None]
+    assert contrastive_groups(is_pos).all()
+    for t_easy in sorted({(k - 1) / k, (k - 2) / k, 0.5, 0.75, 0.8, 0.875, 0.9, 0.95, 0.99, 0.0}):
+        drops_some = bool(too_easy(is_pos, t_easy).any())
+        warned = "objective.t_easy" in keys(rence(k, t_easy=t_easy))
+        assert warned == (not drops_some), (k, t_easy)
+    assert "objective.t_easy" not in keys(rence(k, t_easy=1.0))  # 1.0 is "off", not a mistake
+
+
+def test_hard_negative_samples_only_for_rence():
+    from megatron_rence.config import samples_per_prompt
+
+    cfg = rence(k=8, hard_negative_samples=4)
+    assert samples_per_prompt(cfg) == 12 and keys(cfg) == []
+    cfg.objective.name = "grpo"  # the baselines on the paper recipe sample K and warn that the key does nothing
+    assert samples_per_prompt(cfg) == 8 and keys(cfg) == ["objective.hard_negative_samples"]
+
+
+def test_keys_another_objective_does_not_read():
+    cfg = rence(margin_alpha=1.0, t_easy=0.5, beta=2.0)
+    cfg.objective.name = "grpo"
+    assert keys(cfg) == ["objective.beta", "objective.margin_alpha", "objective.t_easy"]
+    cfg.objective.name = "online_dpo"  # reads beta
+    assert keys(cfg) == ["objective.margin_alpha", "objective.t_easy"]
+    cfg = rence(clip_eps_low=0.1, dual_clip_c=3.0, max_pairs_per_group=2)
+    assert keys(cfg) == ["objective.clip_eps_low", "objective.max_pairs_per_group", "objective.dual_clip_c"]
+    assert keys(rence(kl_window=5)) == ["objective.kl_window"]
+    assert keys(rence(kl_window=5, kl_coef=0.1, kl_target=0.1)) == []
+
+
+def test_beta_warning_only_where_beta_only_scales_the_gradient():
+    cfg = rence(beta=0.5)
+    cfg.optim.clip_grad = 0.0
+    assert keys(cfg) == ["objective.beta"]  # one step per rollout, trainer old log-probs, no KL, no clipping
+    for change in ({"optim.clip_grad": 1.0}, {"train.global_batch_size": 64}, {"train.old_logprobs": "engine"},
+                   {"objective.kl_coef": 0.01}, {"objective.beta": 1.0}):
+        other = rence(beta=0.5)
+        other.optim.clip_grad = 0.0
+        (key, value), = change.items()
+        section, field = key.split(".")
+        setattr(getattr(other, section), field, value)
+        assert keys(other) == [], change
+
+
+def test_warnings_are_emitted_at_load_naming_the_key():
+    with pytest.warns(ConfigWarning, match=r"qwen3_4b_paper\.yaml: objective\.margin_alpha: 1\.0 has no effect "
+                                           r"with objective\.name=grpo"):
+        load_recipe(PAPER, ["objective.name=grpo"])
+    with pytest.warns(ConfigWarning, match=r"objective\.t_easy: 0\.875 drops no group at rollout\.num_samples=8"):
+        load_recipe(PAPER, ["objective.t_easy=0.875"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["objective.hard_negative_samples=-1"], r"objective\.hard_negative_samples: must be >= 0"),
+    (["objective.name=dapo", "objective.hard_negative_samples=0", "objective.dual_clip_c=1.0"],
+     r"objective\.dual_clip_c: must be > 1"),
+])
+def test_new_objective_keys_are_validated(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_recipe(PAPER, overrides)
+
+
+def flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_paper_recipe_runs_every_component_and_each_ablation_switches_one_off():
+    paper = load_recipe(PAPER)
+    o, t, r = paper.objective, paper.train, paper.rollout
+    assert o.name == "rence" and o.margin_alpha > 0 and o.kl_coef > 0 and o.kl_target is not None
+    assert o.hard_negative_samples > 0 and (r.num_samples - 1) / r.num_samples > o.t_easy
+    assert r.prompts_per_step * r.num_samples // t.global_batch_size > 1  # several optimizer steps per rollout
+    expected = {
+        "no_margin": {"objective.margin_alpha": 0.0},
+        "no_kl": {"objective.kl_coef": 0.0, "objective.kl_target": None},
+        "fixed_kl": {"objective.kl_target": None},
+        "no_easy_filter": {"objective.t_easy": 1.0},
+        "no_hard_negatives": {"objective.hard_negative_samples": 0},
+        "one_step_per_rollout": {"train.global_batch_size": 512},
+    }
+    shipped = sorted(p.stem for p in (REPO / "recipes/ablations").glob("*.yaml"))
+    assert shipped == sorted(expected)
+    base = flat(to_dict(paper))
+    for name, change in expected.items():
+        ablation = flat(to_dict(load_recipe(REPO / f"recipes/ablations/{name}.yaml")))
+        diff = {k: v for k, v in ablation.items() if v != base[k] and k != "train.run_dir"}
+        assert diff == change, name
+        assert ablation["train.run_dir"] != base["train.run_dir"]
