@@ -189,6 +189,14 @@ class TrainConfig:
     # log-probs of the sampled tokens (the policy that actually sampled, e.g. with FP8 rollout weights), which
     # also skips that forward pass (and the mismatch/* metrics, which compare the two)
     old_logprobs: Literal["trainer", "engine"] = "trainer"
+    # packed THD microbatches (sequences concatenated, block-diagonal causal attention; megatron_rence/megatron/
+    # attention.py on CPU, Transformer Engine on GPU) for the log-prob passes and training; false: every
+    # microbatch padded to the step's longest sequence (the reference path)
+    packing: bool = True
+    # with packing: tokens (sequence lengths rounded up to the TP/CP padding multiple) per microbatch; whole
+    # groups (a prompt's K samples) are packed up to it, so the number of microbatches varies per step;
+    # 0 = train.micro_batch_size sequences (logprobs_micro_batch_size for log-prob passes) per microbatch
+    max_tokens_per_microbatch: int = 0
 
 
 @dataclass
@@ -285,6 +293,11 @@ def validate(cfg: Config, source: str = "<recipe>") -> None:
         fail("parallel.vpp", "virtual pipeline stages need parallel.pp >= 2")
     if p.sequence_parallel and p.tp < 2:
         fail("parallel.sequence_parallel", "sequence parallel needs parallel.tp >= 2")
+    if t.max_tokens_per_microbatch < 0:
+        fail("train.max_tokens_per_microbatch", f"must be >= 0 (0 = by train.micro_batch_size), got "
+             f"{t.max_tokens_per_microbatch}")
+    if t.max_tokens_per_microbatch and not t.packing:
+        fail("train.max_tokens_per_microbatch", "token-budget microbatches need train.packing=true")
     if t.global_batch_size % t.micro_batch_size:
         fail("train.global_batch_size", f"{t.global_batch_size} is not divisible by "
              f"train.micro_batch_size={t.micro_batch_size}")

@@ -13,7 +13,13 @@ megatron-core assumes CUDA in a few dozen places (DESIGN.md, "Facts about the st
   ``model_parallel_cuda_manual_seed`` and activation recomputation work;
 * gradient clipping's ``assert grad.type() == 'torch.cuda.FloatTensor'`` is replaced by a CPU version;
 * ``LanguageModule.setup_embeddings_and_output_layer`` (tied embeddings under PP) runs with
-  ``Tensor.cuda()`` as the identity.
+  ``Tensor.cuda()`` as the identity, and so does RoPE's ``get_pos_emb_on_this_cp_rank`` (context parallel);
+* pipeline p2p over gloo: with pp=2 both neighbours are the same rank, and gloo matches a pair's messages in
+  the order they were posted, so a batched exchange that sends to "prev" and "next" at once (the interleaved
+  schedule's steady state) can hand each message to the wrong receive. ``cpu_config_overrides`` turns
+  ``batch_p2p_comm`` off, so tensors go through megatron's ``_p2p_ops`` (one process group per direction when
+  pp=2), and the shape handshake of ``variable_seq_lengths`` (packed microbatches) is patched to use
+  ``_p2p_ops`` as well.
 
 ``apply()`` is a no-op when ``torch.cuda.is_available()``. The model config needs CPU settings as well:
 see ``cpu_config_overrides()``.
@@ -37,7 +43,12 @@ _CUDA_DEVICE_MODULES = (
     "megatron.core.tensor_parallel.data",
     "megatron.core.transformer.utils",
     "megatron.core.utils",
+    "megatron.core.models.common.embeddings.rope_utils",
 )
+# Modules that import rope_utils.get_pos_emb_on_this_cp_rank by name (context parallel RoPE: pinned memory + .cuda()).
+_ROPE_CP_MODULES = ("megatron.core.models.common.embeddings.rope_utils",
+                    "megatron.core.models.common.embeddings.rotary_pos_embedding",
+                    "megatron.core.models.common.embeddings.yarn_rotary_pos_embedding")
 # Tensor factories whose `device=` argument is rewritten in those modules.
 _FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange", "randn", "rand", "zeros_like",
               "ones_like", "empty_like", "full_like", "as_tensor")
@@ -58,7 +69,7 @@ def cpu_config_overrides() -> dict:
     return dict(gradient_accumulation_fusion=False, bias_activation_fusion=False,
                 masked_softmax_fusion=False, persist_layer_norm=False, bias_dropout_fusion=False,
                 apply_rope_fusion=False, use_cpu_initialization=True, params_dtype=torch.float32,
-                bf16=False, fp16=False)
+                bf16=False, fp16=False, batch_p2p_comm=False)
 
 
 def _is_cuda_device(device) -> bool:
@@ -177,6 +188,24 @@ def _without_cuda_copies(fn: Callable) -> Callable:
     return wrapper
 
 
+def _communicate_shapes(self, tensor_send_next, tensor_send_prev, recv_prev: bool, recv_next: bool):
+    """P2PCommunicator._communicate_shapes (variable_seq_lengths) through megatron's `_p2p_ops`, whose per-direction
+    process groups keep gloo from matching a shape sent "prev" with a receive from "next" when pp=2."""
+    from megatron.core.pipeline_parallel import p2p_communication
+
+    shape = lambda t: None if t is None else torch.tensor(t.size(), dtype=torch.int64)  # noqa: E731
+    recv_prev_shape = torch.empty(3, dtype=torch.int64) if recv_prev else None
+    recv_next_shape = torch.empty(3, dtype=torch.int64) if recv_next else None
+    reqs = p2p_communication._p2p_ops(
+        tensor_send_prev=shape(tensor_send_prev), tensor_recv_prev=recv_prev_shape,
+        tensor_send_next=shape(tensor_send_next), tensor_recv_next=recv_next_shape,
+        group=self.pp_group, prev_pipeline_rank=self.prev_rank, next_pipeline_rank=self.next_rank)
+    for req in reqs.values():
+        req.wait()
+    return ([0, 0, 0] if recv_prev_shape is None else recv_prev_shape.tolist(),
+            [0, 0, 0] if recv_next_shape is None else recv_next_shape.tolist())
+
+
 def _patch(owner, name: str, value) -> None:
     _patches.append((owner, name, getattr(owner, name, _MISSING)))
     setattr(owner, name, value)
@@ -215,6 +244,15 @@ def apply(force: bool = False) -> bool:
     language_module = importlib.import_module("megatron.core.models.common.language_module.language_module")
     owner = language_module.LanguageModule
     _patch(owner, "setup_embeddings_and_output_layer", _without_cuda_copies(owner.setup_embeddings_and_output_layer))
+
+    rope_cp = _without_cuda_copies(importlib.import_module(_ROPE_CP_MODULES[0]).get_pos_emb_on_this_cp_rank)
+    for name in _ROPE_CP_MODULES:
+        module = _import(name)
+        if module is not None and hasattr(module, "get_pos_emb_on_this_cp_rank"):
+            _patch(module, "get_pos_emb_on_this_cp_rank", rope_cp)
+
+    p2p = importlib.import_module("megatron.core.pipeline_parallel.p2p_communication")
+    _patch(p2p.P2PCommunicator, "_communicate_shapes", _communicate_shapes)
 
     for name in _CLIP_MODULES:
         module = _import(name)
