@@ -56,6 +56,12 @@ class ParallelConfig:
     vpp: Optional[int] = None  # virtual pipeline stages per rank
     sequence_parallel: bool = False
     distributed_optimizer: bool = False  # GPU only
+    # overlap the data-parallel gradient reduction with the backward pass (megatron DDP); None = on with CUDA,
+    # off on CPU (true on CPU is an error)
+    overlap_grad_reduce: Optional[bool] = None
+    # overlap the distributed optimizer's parameter all-gather; None = on with CUDA and distributed_optimizer.
+    # The colocated loop reads the weights right after each step, so the trainer finishes the gather there
+    overlap_param_gather: Optional[bool] = None
     recompute: Literal["none", "selective", "full"] = "none"
     recompute_num_layers: int = 1
 

@@ -35,6 +35,8 @@ from megatron.core.utils import divide
 
 from megatron_rence.megatron.packing import cp_chunk_indices
 
+BLOCK_TOKENS = 512  # packed sequences up to this many tokens together share one masked attention call
+
 
 class _AllGatherSeq(torch.autograd.Function):
     """[n, ...] on each rank of `group` -> [size * n, ...] (rank order); backward: summed over the group, own rows."""
@@ -78,8 +80,9 @@ class LocalCoreAttention(MegatronModule):
         self.cp_size = 1 if self.cp_group is None else self.cp_group.size()
         self.cp_rank = 0 if self.cp_group is None else self.cp_group.rank()
 
-    # [L, h, d] x3 -> [Lq, np*hn]; q_pos / k_pos: global positions (None: plain causal, q and k aligned)
-    def _attend(self, q, k, v, q_pos=None, k_pos=None) -> torch.Tensor:
+    # [L, h, d] x3 -> [Lq, np*hn]; q_pos / k_pos: global positions (None: plain causal, q and k aligned);
+    # seq: sequence id of each token when q and k are the same block of several sequences
+    def _attend(self, q, k, v, q_pos=None, k_pos=None, seq=None) -> torch.Tensor:
         rep = self.num_heads // self.num_groups
         if rep > 1:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -88,6 +91,8 @@ class LocalCoreAttention(MegatronModule):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
         else:
             mask = k_pos.unsqueeze(0) <= q_pos.unsqueeze(1)
+            if seq is not None:
+                mask &= seq.unsqueeze(0) == seq.unsqueeze(1)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
         return out.transpose(0, 1).reshape(out.shape[1], -1)
 
@@ -117,20 +122,40 @@ class LocalCoreAttention(MegatronModule):
         assert starts[-1] == query.shape[0], "cu_seqlens disagree with the packed tokens"
         if self.cp_size > 1:
             key, value = self._gather(key), self._gather(value)  # [cp * t, ng, hn], rank-major
+        if self.cp_size == 1:
+            return self._packed_blocks(query, key, value, lengths)
         t = query.shape[0]
         outs = []
         for i, n in enumerate(lengths):
             if n == 0:
                 continue
             q = query[starts[i]:starts[i + 1]]
-            if self.cp_size == 1:
-                outs.append(self._attend(q, key[starts[i]:starts[i + 1]], value[starts[i]:starts[i + 1]]))
-                continue
             rows = torch.cat([torch.arange(r * t + starts[i], r * t + starts[i + 1]) for r in range(self.cp_size)])
             k_pos = torch.cat([cp_chunk_indices(n, r, self.cp_size) for r in range(self.cp_size)])
             q_pos = cp_chunk_indices(n, self.cp_rank, self.cp_size)
             rows = rows.to(query.device)
             outs.append(self._attend(q, key[rows], value[rows], q_pos.to(query.device), k_pos.to(query.device)))
+        return torch.cat(outs, dim=0)
+
+    def _packed_blocks(self, query, key, value, lengths: list[int]) -> torch.Tensor:
+        """Without CP: consecutive short sequences share one masked SDPA call (a block of at most BLOCK_TOKENS,
+        mask: same sequence and causal), a longer sequence gets a causal call of its own; fewer kernel calls
+        than one per sequence at a cost of at most BLOCK_TOKENS^2 per block."""
+        outs, start, block = [], 0, []
+        for n in lengths + [None]:
+            if block and (n is None or sum(block) + n > BLOCK_TOKENS):
+                end = start + sum(block)
+                q, k, v = query[start:end], key[start:end], value[start:end]
+                if len(block) == 1:
+                    outs.append(self._attend(q, k, v))
+                else:
+                    seq = torch.repeat_interleave(torch.arange(len(block)), torch.tensor(block)).to(query.device)
+                    pos = torch.arange(end - start, device=query.device)
+                    # same-sequence keys at or before the query: k_pos <= q_pos and seq(k) == seq(q)
+                    outs.append(self._attend(q, k, v, pos, pos, seq))
+                start, block = end, []
+            if n:
+                block.append(n)
         return torch.cat(outs, dim=0)
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,

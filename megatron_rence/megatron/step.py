@@ -427,6 +427,7 @@ class Trainer:
         lr = optim.current_lr(self.optimizer)
         before = self._fingerprints()
         update_successful, grad_norm, _ = self.optimizer.step()
+        optim.finish_param_gather(self.model)
         changed = int((self._fingerprints() != before).any(dim=1).sum().item())
         self.scheduler.step(1)
         t2 = time.perf_counter()
