@@ -5,11 +5,12 @@ and ``loss_mask[t] = 1`` exactly for the positions whose target is a response to
 (``prompt_len - 1 <= t <= len - 2``): prompt tokens never count.
 
 Two layouts:
-* ``pad_batch`` (any layer spec; the only one on CPU): right padding, so the causal mask alone keeps real
-  tokens from attending to padding and no padding mask is needed. megatron's local (non-TE) attention
-  rejects packed sequences, hence this layout on CPU.
-* ``pack_thd`` (Transformer Engine on GPU): sequences concatenated into one row [1, T] with megatron's
-  ``PackedSeqParams(qkv_format="thd")``; each sequence is padded to ``pad_multiple(...)``.
+* ``pad_batch`` (``train.packing=false``): right padding, so the causal mask alone keeps real tokens from
+  attending to padding and no padding mask is needed.
+* ``pack_thd`` (``train.packing``, the default): sequences concatenated into one row [1, T] with megatron's
+  ``PackedSeqParams(qkv_format="thd")``; each sequence is padded to ``pad_multiple(...)``. Transformer Engine
+  attends within each sequence on GPU, ``attention.LocalCoreAttention`` on CPU. ``plan_token_budget`` groups
+  items into microbatches by a token budget; ``packed_to_rows`` maps a packed row's values to the padded layout.
 Padding rules (``pad_multiple``): context parallelism cuts a sequence into 2*cp chunks and sequence
 parallelism cuts a CP rank's part over tp ranks, so the length is a multiple of ``cp * lcm(2, tp)`` (CP and
 SP), ``2*cp`` (CP) or ``tp`` (SP). Transformer Engine's FP8 GEMMs need each rank's token count (rows x

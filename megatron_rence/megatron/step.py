@@ -14,10 +14,18 @@ megatron's schedule then neither divides the loss by the number of microbatches 
 our ``finalize_model_grads_func`` drops the token-count division. The gradient equals the gradient of
 ``objective(whole batch, normalizer)`` however the batch is split.
 
-Pipeline stages of one call exchange [S, B, H] activations, so every microbatch of a call has the same
-padded length S (and, with pp > 1, the same number of rows: short microbatches get filler rows without
-response tokens). A data-parallel rank with fewer groups than the others runs filler microbatches so that
-every rank takes part in the gradient all-reduce.
+``train.packing`` (default): each microbatch is one packed THD row [1, T] (``packing.pack_thd``, megatron's
+PackedSeqParams; sequences padded to the TP/CP multiple, the row to the FP8 one) holding whole groups, either
+``micro_batch_size / K`` groups or, with ``train.max_tokens_per_microbatch``, as many as fit the token budget
+(``packing.plan_token_budget``: groups balanced over data-parallel ranks by tokens, first-fit-decreasing per
+rank). Microbatches differ in length; with pp > 1 the stages exchange each one's shape
+(``config.variable_seq_lengths``). The loss side gathers a packed row's log-probs into the padded [B, S] layout
+(``packing.packed_to_rows``) that the objectives see, so both paths feed them identical tensors.
+
+Padded path (``train.packing=false``): pipeline stages of one call exchange [S, B, H] activations, so every
+microbatch of a call has the same padded length S (and, with pp > 1, the same number of rows: short
+microbatches get filler rows without response tokens). Either way a data-parallel rank with fewer microbatches
+than the others runs filler microbatches (zero loss) so that every rank takes part in the gradient all-reduce.
 """
 from __future__ import annotations
 
@@ -206,8 +214,6 @@ class Trainer:
 
     def _packed_microbatch(self, sequences, index: list[int]) -> Microbatch:
         """The sequences `index` packed into one [1, T] row (an empty index: one filler sequence)."""
-        from megatron.core.packed_seq_params import PackedSeqParams
-
         m, p = self.cfg.model, self.cfg.parallel
         seqs = [sequences[i] for i in index] or [FILLER]
         longest = max(len(t) for t, _ in seqs)
@@ -217,10 +223,8 @@ class Trainer:
         multiple = packing.pad_multiple(p.tp, p.cp, p.sequence_parallel)
         total = packing.pad_multiple(p.tp, p.cp, p.sequence_parallel, packing.fp8_align_for(m.fp8))
         batch = packing.pack_thd(seqs, self.pad_id, multiple=multiple, total_multiple=total).to(self.state.device)
-        cu, cu_padded = batch.cu_seqlens, batch.cu_seqlens_padded
-        params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu_padded,
-                                 cu_seqlens_kv_padded=cu_padded, max_seqlen_q=batch.max_seqlen,
-                                 max_seqlen_kv=batch.max_seqlen, cp_group=self.state.cp_group)
+        params = batch.packed_seq_params()
+        params.cp_group = self.state.cp_group
         rows = packing.pad_batch(seqs, self.pad_id).to(self.state.device)
         return Microbatch(batch, len(index), index, rows=rows, packed_seq_params=params)
 
