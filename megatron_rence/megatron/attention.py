@@ -7,8 +7,9 @@ signature) so the CPU path (and a GPU without TE) trains on packed batches:
 * padded: query [sq, b, np, hn], key/value [sk, b, ng, hn] -> [sq, b, np*hn], causal;
 * packed (``packed_seq_params.qkv_format == "thd"``): query [t, np, hn], key/value [t, ng, hn] -> [t, np*hn],
   block-diagonal causal attention over the sequences delimited by ``cu_seqlens_q_padded`` (else ``cu_seqlens_q``):
-  one ``scaled_dot_product_attention`` call per sequence, so the cost is sum(L_i^2), not T^2. Padding slots at
-  the end of a sequence belong to it; real tokens never see them (they come later).
+  sequences of one power-of-two length class are gathered into a padded [n, Lmax] batch for one causal
+  ``scaled_dot_product_attention`` call, so the cost is within 4x of sum(L_i^2) (never T^2) in a few calls.
+  Padding slots at the end of a sequence belong to it; real tokens never see them (they come later).
 
 GQA: query head j uses key/value group j // (np / ng) (megatron's ``repeat_interleave``). TP: heads are split
 over ``pg_collection.tp``. Softmax scale: ``softmax_scale`` or 1/sqrt(head_dim) (megatron's
@@ -34,8 +35,6 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import divide
 
 from megatron_rence.megatron.packing import cp_chunk_indices
-
-BLOCK_TOKENS = 512  # packed sequences up to this many tokens together share one masked attention call
 
 
 class _AllGatherSeq(torch.autograd.Function):
@@ -80,36 +79,34 @@ class LocalCoreAttention(MegatronModule):
         self.cp_size = 1 if self.cp_group is None else self.cp_group.size()
         self.cp_rank = 0 if self.cp_group is None else self.cp_group.rank()
 
-    # [L, h, d] x3 -> [Lq, np*hn]; q_pos / k_pos: global positions (None: plain causal, q and k aligned);
-    # seq: sequence id of each token when q and k are the same block of several sequences
-    def _attend(self, q, k, v, q_pos=None, k_pos=None, seq=None) -> torch.Tensor:
+    # q [L, (b,) h, d], k / v [Lk, (b,) g, d] -> [L, (b,) h*d]; q_pos / k_pos: global positions (None: plain
+    # causal, q and k aligned)
+    def _attend(self, q, k, v, q_pos=None, k_pos=None) -> torch.Tensor:
         rep = self.num_heads // self.num_groups
         if rep > 1:
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        q, k, v = (x.transpose(0, 1) for x in (q, k, v))  # [h, L, d]
+            k, v = k.repeat_interleave(rep, dim=-2), v.repeat_interleave(rep, dim=-2)
+        # [L, h, d] -> [h, L, d]; [L, b, h, d] -> [b, h, L, d]
+        order, inverse = ((1, 0, 2), (1, 0, 2)) if q.dim() == 3 else ((1, 2, 0, 3), (2, 0, 1, 3))
+        q, k, v = (x.permute(*order) for x in (q, k, v))
         if q_pos is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
         else:
             mask = k_pos.unsqueeze(0) <= q_pos.unsqueeze(1)
-            if seq is not None:
-                mask &= seq.unsqueeze(0) == seq.unsqueeze(1)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
-        return out.transpose(0, 1).reshape(out.shape[1], -1)
+        out = out.permute(*inverse)  # back to [L, (b,) h, d]
+        return out.reshape(*out.shape[:-2], -1)
 
     def _gather(self, x: torch.Tensor) -> torch.Tensor:
         return _AllGatherSeq.apply(x, self.cp_group)
 
     def _padded(self, query, key, value) -> torch.Tensor:
-        """[sq, b, np, hn] (this CP rank's chunks of every row) -> [sq, b, np*hn]."""
+        """[sq, b, np, hn] (this CP rank's chunks of every row) -> [sq, b, np*hn], all rows in one call."""
         if self.cp_size == 1:
-            outs = [self._attend(query[:, b], key[:, b], value[:, b]) for b in range(query.shape[1])]
-            return torch.stack(outs, dim=1)
+            return self._attend(query, key, value)
         width = query.shape[0] * self.cp_size
         k_pos = torch.cat([cp_chunk_indices(width, r, self.cp_size) for r in range(self.cp_size)]).to(query.device)
         q_pos = cp_chunk_indices(width, self.cp_rank, self.cp_size).to(query.device)
-        key, value = self._gather(key), self._gather(value)
-        outs = [self._attend(query[:, b], key[:, b], value[:, b], q_pos, k_pos) for b in range(query.shape[1])]
-        return torch.stack(outs, dim=1)
+        return self._attend(query, self._gather(key), self._gather(value), q_pos, k_pos)
 
     def _packed(self, query, key, value, cu_seqlens: torch.Tensor) -> torch.Tensor:
         """[t, np, hn] (this CP rank's chunks of every sequence, offsets cu_seqlens / cp) -> [t, np*hn]."""
@@ -123,7 +120,7 @@ class LocalCoreAttention(MegatronModule):
         if self.cp_size > 1:
             key, value = self._gather(key), self._gather(value)  # [cp * t, ng, hn], rank-major
         if self.cp_size == 1:
-            return self._packed_blocks(query, key, value, lengths)
+            return self._packed_buckets(query, key, value, lengths)
         t = query.shape[0]
         outs = []
         for i, n in enumerate(lengths):
@@ -137,26 +134,31 @@ class LocalCoreAttention(MegatronModule):
             outs.append(self._attend(q, key[rows], value[rows], q_pos.to(query.device), k_pos.to(query.device)))
         return torch.cat(outs, dim=0)
 
-    def _packed_blocks(self, query, key, value, lengths: list[int]) -> torch.Tensor:
-        """Without CP: consecutive short sequences share one masked SDPA call (a block of at most BLOCK_TOKENS,
-        mask: same sequence and causal), a longer sequence gets a causal call of its own; fewer kernel calls
-        than one per sequence at a cost of at most BLOCK_TOKENS^2 per block."""
-        outs, start, block = [], 0, []
-        for n in lengths + [None]:
-            if block and (n is None or sum(block) + n > BLOCK_TOKENS):
-                end = start + sum(block)
-                q, k, v = query[start:end], key[start:end], value[start:end]
-                if len(block) == 1:
-                    outs.append(self._attend(q, k, v))
-                else:
-                    seq = torch.repeat_interleave(torch.arange(len(block)), torch.tensor(block)).to(query.device)
-                    pos = torch.arange(end - start, device=query.device)
-                    # same-sequence keys at or before the query: k_pos <= q_pos and seq(k) == seq(q)
-                    outs.append(self._attend(q, k, v, pos, pos, seq))
-                start, block = end, []
+    def _packed_buckets(self, query, key, value, lengths: list[int]) -> torch.Tensor:
+        """Without CP: sequences of similar length (same power-of-two class) run as one padded causal batch
+        [n, Lmax] (as the padded path would, padding bounded by the class), then scatter back; one SDPA call
+        per length class instead of one per sequence."""
+        t = query.shape[0]
+        starts = torch.tensor([0] + lengths).cumsum(0)
+        classes: dict[int, list[int]] = {}
+        for i, n in enumerate(lengths):
             if n:
-                block.append(n)
-        return torch.cat(outs, dim=0)
+                classes.setdefault((n - 1).bit_length(), []).append(i)
+        ext = [torch.cat([x, x.new_zeros(1, *x.shape[1:])]) for x in (query, key, value)]  # row t: zeros
+        positions, outs = [], []
+        for members in classes.values():
+            longest = max(lengths[i] for i in members)
+            columns = torch.arange(longest)
+            index = starts[members].unsqueeze(1) + columns.unsqueeze(0)  # [n, Lmax]
+            valid = columns.unsqueeze(0) < torch.tensor([lengths[i] for i in members]).unsqueeze(1)
+            index = torch.where(valid, index, t).to(query.device)
+            q, k, v = (x[index].transpose(0, 1) for x in ext)  # [Lmax, n, h, d]
+            out = self._attend(q, k, v).transpose(0, 1)  # [n, Lmax, h*d]
+            valid = valid.to(query.device)
+            positions.append(index[valid])
+            outs.append(out[valid])
+        order = torch.argsort(torch.cat(positions))
+        return torch.cat(outs)[order]
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
