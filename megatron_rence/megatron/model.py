@@ -52,8 +52,8 @@ def transformer_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, use
         tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=p.pp,
         virtual_pipeline_model_parallel_size=p.vpp, context_parallel_size=p.cp,
         sequence_parallel=p.sequence_parallel, pipeline_dtype=dtype,
-        # p2p buffers take the schedule's seq_length: pad every microbatch of one call to the same length
-        # (variable_seq_lengths adds a shape handshake that deadlocks interleaved pp=2 over gloo)
+        # padded microbatches of one call share the schedule's seq_length; packed ones differ and the trainer
+        # turns on variable_seq_lengths for them (on gloo, cpu_compat routes its shape handshake per direction)
         params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         attention_softmax_in_fp32=True, **_recompute_fields(p),
     )
