@@ -188,19 +188,33 @@ def _without_cuda_copies(fn: Callable) -> Callable:
     return wrapper
 
 
-def _communicate_shapes(self, tensor_send_next, tensor_send_prev, recv_prev: bool, recv_next: bool):
-    """P2PCommunicator._communicate_shapes (variable_seq_lengths) through megatron's `_p2p_ops`, whose per-direction
-    process groups keep gloo from matching a shape sent "prev" with a receive from "next" when pp=2."""
-    from megatron.core.pipeline_parallel import p2p_communication
+_SHAPE_TAG = 7  # shape messages travel apart from the tensors (tag 0)
 
+
+def _communicate_shapes(self, tensor_send_next, tensor_send_prev, recv_prev: bool, recv_next: bool):
+    """P2PCommunicator._communicate_shapes (variable_seq_lengths) on gloo: megatron's `_p2p_ops` order and
+    per-direction groups (so a shape sent "prev" never meets a receive from "next" when pp=2), and a tag of
+    its own, so that shape and tensor messages form separate streams (one side's combined call may match two
+    calls on the other; with a shared stream a shape would then meet a tensor receive)."""
+    import torch.distributed as dist
+
+    group = self.pp_group
+    other = dist.group.WORLD if group.size() == 2 else group
     shape = lambda t: None if t is None else torch.tensor(t.size(), dtype=torch.int64)  # noqa: E731
     recv_prev_shape = torch.empty(3, dtype=torch.int64) if recv_prev else None
     recv_next_shape = torch.empty(3, dtype=torch.int64) if recv_next else None
-    reqs = p2p_communication._p2p_ops(
-        tensor_send_prev=shape(tensor_send_prev), tensor_recv_prev=recv_prev_shape,
-        tensor_send_next=shape(tensor_send_next), tensor_recv_next=recv_next_shape,
-        group=self.pp_group, prev_pipeline_rank=self.prev_rank, next_pipeline_rank=self.next_rank)
-    for req in reqs.values():
+    send_next, send_prev = shape(tensor_send_next), shape(tensor_send_prev)
+    even = group.rank() % 2 == 0
+    ops = [  # (op, tensor, peer, group) in _p2p_ops' order for this rank's parity
+        (dist.isend, send_next, self.next_rank, group if even else other),
+        (dist.irecv, recv_prev_shape, self.prev_rank, other if even else group),
+        (dist.isend, send_prev, self.prev_rank, group if even else other),
+        (dist.irecv, recv_next_shape, self.next_rank, other if even else group),
+    ]
+    if not even:
+        ops = [ops[1], ops[0], ops[3], ops[2]]
+    reqs = [op(tensor, peer, group=g, tag=_SHAPE_TAG) for op, tensor, peer, g in ops if tensor is not None]
+    for req in reqs:
         req.wait()
     return ([0, 0, 0] if recv_prev_shape is None else recv_prev_shape.tolist(),
             [0, 0, 0] if recv_next_shape is None else recv_next_shape.tolist())
