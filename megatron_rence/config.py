@@ -60,6 +60,12 @@ class ParallelConfig:
     vpp: Optional[int] = None  # virtual pipeline stages per rank
     sequence_parallel: bool = False
     distributed_optimizer: bool = False  # GPU only
+    # overlap the data-parallel gradient reduction with the backward pass (megatron DDP); None = on with CUDA,
+    # off on CPU (true on CPU is an error)
+    overlap_grad_reduce: Optional[bool] = None
+    # overlap the distributed optimizer's parameter all-gather; None = on with CUDA and distributed_optimizer.
+    # The colocated loop reads the weights right after each step, so the trainer finishes the gather there
+    overlap_param_gather: Optional[bool] = None
     recompute: Literal["none", "selective", "full"] = "none"
     recompute_num_layers: int = 1
 
@@ -230,6 +236,14 @@ class TrainConfig:
     # wall-clock budget from the start of the run (setup included): checkpoint and stop after the step that
     # passes it (all ranks agree); 0 = none
     max_minutes: float = 0.0
+    # packed THD microbatches (sequences concatenated, block-diagonal causal attention; megatron_rence/megatron/
+    # attention.py on CPU, Transformer Engine on GPU) for the log-prob passes and training; false: every
+    # microbatch padded to the step's longest sequence (the reference path)
+    packing: bool = True
+    # with packing: tokens (sequence lengths rounded up to the TP/CP padding multiple) per microbatch; whole
+    # groups (a prompt's K samples) are packed up to it, so the number of microbatches varies per step;
+    # 0 = train.micro_batch_size sequences (logprobs_micro_batch_size for log-prob passes) per microbatch
+    max_tokens_per_microbatch: int = 0
 
 
 @dataclass
@@ -367,6 +381,11 @@ def validate(cfg: Config, source: str = "<recipe>", where=None) -> None:
         fail("parallel.vpp", "virtual pipeline stages need parallel.pp >= 2")
     if p.sequence_parallel and p.tp < 2:
         fail("parallel.sequence_parallel", "sequence parallel needs parallel.tp >= 2")
+    if t.max_tokens_per_microbatch < 0:
+        fail("train.max_tokens_per_microbatch", f"must be >= 0 (0 = by train.micro_batch_size), got "
+             f"{t.max_tokens_per_microbatch}")
+    if t.max_tokens_per_microbatch and not t.packing:
+        fail("train.max_tokens_per_microbatch", "token-budget microbatches need train.packing=true")
     if t.global_batch_size % t.micro_batch_size:
         fail("train.global_batch_size", f"{t.global_batch_size} is not divisible by "
              f"train.micro_batch_size={t.micro_batch_size}")

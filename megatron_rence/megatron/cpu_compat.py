@@ -19,7 +19,14 @@ megatron-core assumes CUDA in a few dozen places (docs/design.md, "Running megat
   ``Tensor.type()`` naming a CPU tensor's CUDA counterpart, so bf16 CPU parameters get fp32 main params;
 * ``MegatronOptimizer.restore_from_cpu`` (the RL offload) moves state back with ``.cuda()``: on CPU it moves
   it to ``torch.cuda.current_device()`` (= CPU, so nothing moves; ``offload_to_cpu`` already skips
-  non-CUDA tensors).
+  non-CUDA tensors);
+* RoPE's ``get_pos_emb_on_this_cp_rank`` (context parallel) runs with ``Tensor.cuda()`` as the identity;
+* pipeline p2p over gloo: with pp=2 both neighbours are the same rank, and gloo matches a pair's messages in
+  the order they were posted, so a batched exchange that sends to "prev" and "next" at once (the interleaved
+  schedule's steady state) can hand each message to the wrong receive. ``cpu_config_overrides`` turns
+  ``batch_p2p_comm`` off, so tensors go through megatron's ``_p2p_ops`` (one process group per direction when
+  pp=2), and the shape handshake of ``variable_seq_lengths`` (packed microbatches) is patched to use
+  ``_p2p_ops`` as well.
 
 ``apply()`` is a no-op when ``torch.cuda.is_available()``. The model config needs CPU settings as well:
 see ``cpu_config_overrides()``.
@@ -43,7 +50,12 @@ _CUDA_DEVICE_MODULES = (
     "megatron.core.tensor_parallel.data",
     "megatron.core.transformer.utils",
     "megatron.core.utils",
+    "megatron.core.models.common.embeddings.rope_utils",
 )
+# Modules that import rope_utils.get_pos_emb_on_this_cp_rank by name (context parallel RoPE: pinned memory + .cuda()).
+_ROPE_CP_MODULES = ("megatron.core.models.common.embeddings.rope_utils",
+                    "megatron.core.models.common.embeddings.rotary_pos_embedding",
+                    "megatron.core.models.common.embeddings.yarn_rotary_pos_embedding")
 # Tensor factories whose `device=` argument is rewritten in those modules.
 _FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange", "randn", "rand", "zeros_like",
               "ones_like", "empty_like", "full_like", "as_tensor")
@@ -63,7 +75,7 @@ def cpu_config_overrides() -> dict:
     """TransformerConfig fields a CPU run needs (no fused CUDA kernels, CPU init); the dtype is the recipe's."""
     return dict(gradient_accumulation_fusion=False, bias_activation_fusion=False,
                 masked_softmax_fusion=False, persist_layer_norm=False, bias_dropout_fusion=False,
-                apply_rope_fusion=False, use_cpu_initialization=True)
+                apply_rope_fusion=False, use_cpu_initialization=True, batch_p2p_comm=False)
 
 
 def _is_cuda_device(device) -> bool:
@@ -220,6 +232,38 @@ def _restore_from_cpu(self) -> None:
                 state[key] = value.to(device)
 
 
+_SHAPE_TAG = 7  # shape messages travel apart from the tensors (tag 0)
+
+
+def _communicate_shapes(self, tensor_send_next, tensor_send_prev, recv_prev: bool, recv_next: bool):
+    """P2PCommunicator._communicate_shapes (variable_seq_lengths) on gloo: megatron's `_p2p_ops` order and
+    per-direction groups (so a shape sent "prev" never meets a receive from "next" when pp=2), and a tag of
+    its own, so that shape and tensor messages form separate streams (one side's combined call may match two
+    calls on the other; with a shared stream a shape would then meet a tensor receive)."""
+    import torch.distributed as dist
+
+    group = self.pp_group
+    other = dist.group.WORLD if group.size() == 2 else group
+    shape = lambda t: None if t is None else torch.tensor(t.size(), dtype=torch.int64)  # noqa: E731
+    recv_prev_shape = torch.empty(3, dtype=torch.int64) if recv_prev else None
+    recv_next_shape = torch.empty(3, dtype=torch.int64) if recv_next else None
+    send_next, send_prev = shape(tensor_send_next), shape(tensor_send_prev)
+    even = group.rank() % 2 == 0
+    ops = [  # (op, tensor, peer, group) in _p2p_ops' order for this rank's parity
+        (dist.isend, send_next, self.next_rank, group if even else other),
+        (dist.irecv, recv_prev_shape, self.prev_rank, other if even else group),
+        (dist.isend, send_prev, self.prev_rank, group if even else other),
+        (dist.irecv, recv_next_shape, self.next_rank, other if even else group),
+    ]
+    if not even:
+        ops = [ops[1], ops[0], ops[3], ops[2]]
+    reqs = [op(tensor, peer, group=g, tag=_SHAPE_TAG) for op, tensor, peer, g in ops if tensor is not None]
+    for req in reqs:
+        req.wait()
+    return ([0, 0, 0] if recv_prev_shape is None else recv_prev_shape.tolist(),
+            [0, 0, 0] if recv_next_shape is None else recv_next_shape.tolist())
+
+
 def _patch(owner, name: str, value) -> None:
     _patches.append((owner, name, getattr(owner, name, _MISSING)))
     setattr(owner, name, value)
@@ -263,6 +307,15 @@ def apply(force: bool = False) -> bool:
     fp16 = optimizer.Float16OptimizerWithFloat16Params
     _patch(fp16, "__init__", _with_cuda_type_names(fp16.__init__))
     _patch(optimizer.MegatronOptimizer, "restore_from_cpu", _restore_from_cpu)
+
+    rope_cp = _without_cuda_copies(importlib.import_module(_ROPE_CP_MODULES[0]).get_pos_emb_on_this_cp_rank)
+    for name in _ROPE_CP_MODULES:
+        module = _import(name)
+        if module is not None and hasattr(module, "get_pos_emb_on_this_cp_rank"):
+            _patch(module, "get_pos_emb_on_this_cp_rank", rope_cp)
+
+    p2p = importlib.import_module("megatron.core.pipeline_parallel.p2p_communication")
+    _patch(p2p.P2PCommunicator, "_communicate_shapes", _communicate_shapes)
 
     for name in _CLIP_MODULES:
         module = _import(name)

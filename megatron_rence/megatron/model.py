@@ -53,8 +53,8 @@ def transformer_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, use
         tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=p.pp,
         virtual_pipeline_model_parallel_size=p.vpp, context_parallel_size=p.cp,
         sequence_parallel=p.sequence_parallel, pipeline_dtype=dtype,
-        # p2p buffers take the schedule's seq_length: pad every microbatch of one call to the same length
-        # (variable_seq_lengths adds a shape handshake that deadlocks interleaved pp=2 over gloo)
+        # padded microbatches of one call share the schedule's seq_length; packed ones differ and the trainer
+        # turns on variable_seq_lengths for them (on gloo, cpu_compat routes its shape handshake per direction)
         params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         attention_softmax_in_fp32=True, **_recompute_fields(p),
     )
@@ -68,9 +68,6 @@ def transformer_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, use
     if not use_cuda:
         if m.fp8 is not None:
             raise ValueError(f"model.fp8={m.fp8!r} needs CUDA and Transformer Engine; unset it for CPU runs")
-        if p.cp > 1:
-            raise ValueError(f"parallel.cp={p.cp}: context parallelism needs Transformer Engine attention (GPU); "
-                             "megatron's local attention has none")
         fields.update(cpu_compat.cpu_config_overrides())
     return TransformerConfig(**fields)
 
@@ -119,10 +116,13 @@ def fp8_unsupported(recipe: str) -> Optional[str]:
 
 
 def layer_spec(model_cfg: ModelConfig, config, use_cuda: bool, vp_stage):
-    """TE layer spec on GPU (needed for FP8 and THD packing); otherwise (CPU, or a GPU without Transformer
-    Engine: bf16 only) megatron's local spec with LocalRMSNorm."""
+    """TE layer spec on GPU (needed for FP8); otherwise (CPU, or a GPU without Transformer Engine: bf16 only)
+    megatron's local spec with LocalRMSNorm and our LocalCoreAttention (packed THD batches and context
+    parallelism, which megatron's local DotProductAttention rejects)."""
     from megatron.core.models.gpt import gpt_layer_specs
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    from megatron_rence.megatron.attention import LocalCoreAttention
 
     if use_cuda and te_available():
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model_cfg.qk_layernorm)
@@ -130,7 +130,7 @@ def layer_spec(model_cfg: ModelConfig, config, use_cuda: bool, vp_stage):
     attention = spec.submodules.self_attention
     qk_norm = LocalRMSNorm if model_cfg.qk_layernorm else attention.submodules.q_layernorm
     attention = dataclasses.replace(attention, submodules=dataclasses.replace(
-        attention.submodules, q_layernorm=qk_norm, k_layernorm=qk_norm))
+        attention.submodules, q_layernorm=qk_norm, k_layernorm=qk_norm, core_attention=LocalCoreAttention))
     spec = dataclasses.replace(spec, submodules=dataclasses.replace(
         spec.submodules, input_layernorm=LocalRMSNorm, pre_mlp_layernorm=LocalRMSNorm, self_attention=attention))
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)

@@ -70,11 +70,45 @@ def wrap_ddp(model_chunks: list, parallel_cfg: ParallelConfig, use_cuda: bool) -
                           "set it to false for CPU runs")
     config = model_chunks[0].config
     config.calculate_per_token_loss = True
+    overlap_grad_reduce, overlap_param_gather = overlap_settings(parallel_cfg, use_cuda)
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce,
+        overlap_param_gather=overlap_param_gather, align_param_gather=overlap_param_gather and parallel_cfg.pp > 1,
         use_distributed_optimizer=parallel_cfg.distributed_optimizer, check_for_nan_in_grad=False)
-    return [DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk,
-                                    disable_bucketing=i > 0) for i, chunk in enumerate(model_chunks)]
+    chunks = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk,
+                                      disable_bucketing=i > 0) for i, chunk in enumerate(model_chunks)]
+    one = lambda funcs: funcs[0] if len(funcs) == 1 else funcs  # noqa: E731
+    if overlap_grad_reduce:  # as megatron's training loop: reduce only after the last microbatch, per chunk
+        config.no_sync_func = one([chunk.no_sync for chunk in chunks])
+        config.grad_sync_func = one([chunk.start_grad_sync for chunk in chunks])
+    if overlap_param_gather and parallel_cfg.pp > 1:
+        config.param_sync_func = one([chunk.start_param_sync for chunk in chunks])
+    return chunks
+
+
+def overlap_settings(parallel_cfg: ParallelConfig, use_cuda: bool) -> tuple[bool, bool]:
+    """(overlap_grad_reduce, overlap_param_gather): `parallel.overlap_*`, by default on with CUDA (the param
+    gather only with the distributed optimizer); both off on CPU."""
+    p = parallel_cfg
+    grad = use_cuda if p.overlap_grad_reduce is None else p.overlap_grad_reduce
+    param = (use_cuda and p.distributed_optimizer) if p.overlap_param_gather is None else p.overlap_param_gather
+    if not use_cuda and (grad or param):
+        key = "parallel.overlap_grad_reduce" if grad else "parallel.overlap_param_gather"
+        raise ConfigError(f"{key}: overlapping communication is for CUDA runs; set it to false (or leave it "
+                          "unset) on CPU")
+    if param and not p.distributed_optimizer:
+        raise ConfigError("parallel.overlap_param_gather: needs parallel.distributed_optimizer=true")
+    return grad, param
+
+
+def finish_param_gather(ddp_chunks: list) -> None:
+    """With overlap_param_gather, megatron gathers the updated parameters lazily (next zero_grad / forward). The
+    trainer's weights are read right after every step (weight sync, checkpoints): gather them now, the way
+    megatron's training loop does before evaluation and checkpoints."""
+    for chunk in ddp_chunks:
+        if chunk.use_forward_hook:
+            chunk.disable_forward_pre_hook(param_sync=True)
+            chunk.enable_forward_pre_hook()
 
 
 def optimizer_config(optim_cfg: OptimConfig, model_cfg: ModelConfig, parallel_cfg: ParallelConfig, use_cuda: bool):

@@ -5,11 +5,12 @@ and ``loss_mask[t] = 1`` exactly for the positions whose target is a response to
 (``prompt_len - 1 <= t <= len - 2``): prompt tokens never count.
 
 Two layouts:
-* ``pad_batch`` (any layer spec; the only one on CPU): right padding, so the causal mask alone keeps real
-  tokens from attending to padding and no padding mask is needed. megatron's local (non-TE) attention
-  rejects packed sequences, hence this layout on CPU.
-* ``pack_thd`` (Transformer Engine on GPU): sequences concatenated into one row [1, T] with megatron's
-  ``PackedSeqParams(qkv_format="thd")``; each sequence is padded to ``pad_multiple(...)``.
+* ``pad_batch`` (``train.packing=false``): right padding, so the causal mask alone keeps real tokens from
+  attending to padding and no padding mask is needed.
+* ``pack_thd`` (``train.packing``, the default): sequences concatenated into one row [1, T] with megatron's
+  ``PackedSeqParams(qkv_format="thd")``; each sequence is padded to ``pad_multiple(...)``. Transformer Engine
+  attends within each sequence on GPU, ``attention.LocalCoreAttention`` on CPU. ``plan_token_budget`` groups
+  items into microbatches by a token budget; ``packed_to_rows`` maps a packed row's values to the padded layout.
 Padding rules (``pad_multiple``): context parallelism cuts a sequence into 2*cp chunks and sequence
 parallelism cuts a CP rank's part over tp ranks, so the length is a multiple of ``cp * lcm(2, tp)`` (CP and
 SP), ``2*cp`` (CP) or ``tp`` (SP). Transformer Engine's FP8 GEMMs need each rank's token count (rows x
@@ -217,3 +218,55 @@ def unpack_response_logprobs(batch: PackedBatch, token_logprobs: torch.Tensor) -
     ends = (batch.cu_seqlens_padded[:-1] + batch.cu_seqlens.diff()).tolist()
     return [flat[s + p - 1:e - 1] for s, e, p in zip(starts, ends, batch.prompt_lens.tolist())]
 
+
+
+def packed_to_rows(batch: PackedBatch, token_values: torch.Tensor, width: int) -> torch.Tensor:
+    """[1, T] (or [T]) per-position values of a packed batch (not CP-split) -> [N, width] in the padded layout
+    (row i, column j = position j of sequence i; 0 past its real length). Differentiable (a gather)."""
+    flat = token_values.reshape(-1)
+    lengths = batch.cu_seqlens.diff().to(flat.device)
+    columns = torch.arange(width, device=flat.device)
+    index = batch.cu_seqlens_padded[:-1].to(flat.device).long().unsqueeze(1) + columns.unsqueeze(0)
+    index = torch.where(columns.unsqueeze(0) < lengths.unsqueeze(1), index, flat.numel())
+    return torch.cat([flat, flat.new_zeros(1)])[index]
+
+
+def packed_cp_positions(batch: PackedBatch, cp_rank: int, cp_size: int) -> torch.Tensor:
+    """Positions in the packed row [1, T] that CP rank `cp_rank` holds, in its local order (split_packed_for_cp)."""
+    offsets = batch.cu_seqlens_padded.tolist()
+    return torch.cat([start + cp_chunk_indices(end - start, cp_rank, cp_size)
+                      for start, end in zip(offsets, offsets[1:])])
+
+
+def plan_token_budget(costs: Sequence[int], budget: int, dp_size: int) -> list[list[list[int]]]:
+    """Token-budget microbatches: for each data-parallel rank, its microbatches as lists of item indices.
+
+    Items (whole groups for training, sequences for log-prob passes) cost `costs[i]` tokens (padded lengths).
+    Items go to the rank with the fewest tokens so far, largest first (balanced work per rank); each rank's
+    items are packed first-fit-decreasing into microbatches of at most `budget` tokens (an item above the
+    budget gets a microbatch of its own). Every rank gets the same number of microbatches: shorter plans end
+    with empty ones (filler, contributing nothing). Deterministic, so every rank computes the same plan.
+    """
+    if budget < 1:
+        raise ValueError(f"train.max_tokens_per_microbatch: must be >= 1 here, got {budget}")
+    order = sorted(range(len(costs)), key=lambda i: (-costs[i], i))
+    loads, shares = [0] * dp_size, [[] for _ in range(dp_size)]
+    for i in order:
+        rank = min(range(dp_size), key=lambda r: (loads[r], len(shares[r]), r))
+        shares[rank].append(i)
+        loads[rank] += costs[i]
+    plans = []
+    for share in shares:
+        bins: list[list[int]] = []
+        room: list[int] = []
+        for i in share:
+            fit = next((b for b in range(len(bins)) if room[b] >= costs[i]), None)
+            if fit is None:
+                bins.append([i])
+                room.append(budget - costs[i])
+            else:
+                bins[fit].append(i)
+                room[fit] -= costs[i]
+        plans.append([sorted(b) for b in bins])
+    count = max(1, max(len(p) for p in plans))
+    return [p + [[] for _ in range(count - len(p))] for p in plans]

@@ -14,10 +14,18 @@ megatron's schedule then neither divides the loss by the number of microbatches 
 our ``finalize_model_grads_func`` drops the token-count division. The gradient equals the gradient of
 ``objective(whole batch, normalizer)`` however the batch is split.
 
-Pipeline stages of one call exchange [S, B, H] activations, so every microbatch of a call has the same
-padded length S (and, with pp > 1, the same number of rows: short microbatches get filler rows without
-response tokens). A data-parallel rank with fewer groups than the others runs filler microbatches so that
-every rank takes part in the gradient all-reduce.
+``train.packing`` (default): each microbatch is one packed THD row [1, T] (``packing.pack_thd``, megatron's
+PackedSeqParams; sequences padded to the TP/CP multiple, the row to the FP8 one) holding whole groups, either
+``micro_batch_size / K`` groups or, with ``train.max_tokens_per_microbatch``, as many as fit the token budget
+(``packing.plan_token_budget``: groups balanced over data-parallel ranks by tokens, first-fit-decreasing per
+rank). Microbatches differ in length; with pp > 1 the stages exchange each one's shape
+(``config.variable_seq_lengths``). The loss side gathers a packed row's log-probs into the padded [B, S] layout
+(``packing.packed_to_rows``) that the objectives see, so both paths feed them identical tensors.
+
+Padded path (``train.packing=false``): pipeline stages of one call exchange [S, B, H] activations, so every
+microbatch of a call has the same padded length S (and, with pp > 1, the same number of rows: short
+microbatches get filler rows without response tokens). Either way a data-parallel rank with fewer microbatches
+than the others runs filler microbatches (zero loss) so that every rank takes part in the gradient all-reduce.
 """
 from __future__ import annotations
 
@@ -72,12 +80,16 @@ def batch_width(cfg: Config, longest: int, row_counts: Sequence[int]) -> int:
 
 @dataclass
 class Microbatch:
-    """Rows 0..num_real-1 are real sequences, the rest filler. batch: [B, S]; old/ref_logprobs: [B, S] aligned with
-    the batch's targets (0 off the response); rewards: [num_real]; index: the rows' positions in the step's batch."""
+    """Rows 0..num_real-1 are real sequences, the rest filler. batch: [B, S] padded, or a packed [1, T] THD batch
+    with its `packed_seq_params`; rows: the padded [B, S] view the objective sees (the batch itself when padded;
+    for a packed batch its real sequences padded to the longest); old/ref_logprobs: [B, S] aligned with the rows'
+    targets (0 off the response); rewards: [num_real]; index: the rows' positions in the step's batch."""
 
-    batch: packing.PaddedBatch
+    batch: "packing.PaddedBatch | packing.PackedBatch"
     num_real: int
     index: list[int]
+    rows: Optional[packing.PaddedBatch] = None
+    packed_seq_params: object = None
     old_logprobs: Optional[torch.Tensor] = None
     ref_logprobs: Optional[torch.Tensor] = None
     rollout_logprobs: Optional[torch.Tensor] = None
@@ -116,6 +128,25 @@ class _GatherContextParallel(torch.autograd.Function):
         for r, part in enumerate(parts):
             full[:, packing.cp_chunk_indices(width, r, cp_size).to(local.device)] = part
         ctx.index = packing.cp_chunk_indices(width, cp_rank, cp_size).to(local.device)
+        return full
+
+    @staticmethod
+    def backward(ctx, grad_full):
+        return grad_full[:, ctx.index], None, None, None
+
+
+class _GatherPositions(torch.autograd.Function):
+    """[1, t] values at this CP rank's positions of a packed row -> [1, cp*t] in row order on every CP rank
+    (`positions[r]`: rank r's positions); backward keeps this rank's positions."""
+
+    @staticmethod
+    def forward(ctx, local, cp_group, positions, cp_rank):
+        parts = [torch.empty_like(local) for _ in positions]
+        dist.all_gather(parts, local.contiguous(), group=cp_group)
+        full = local.new_zeros(local.shape[0], local.shape[1] * len(positions))
+        for index, part in zip(positions, parts):
+            full[:, index] = part
+        ctx.index = positions[cp_rank]
         return full
 
     @staticmethod
@@ -173,19 +204,66 @@ class Trainer:
         seqs = [sequences[i] for i in index]
         fill = (rows - len(seqs)) if self.state.pp_size > 1 else (0 if seqs else 1)
         batch = packing.pad_batch(seqs + [FILLER] * fill, self.pad_id)
-        return Microbatch(_pad_width(batch, width, self.pad_id).to(self.state.device), len(seqs), index)
+        batch = _pad_width(batch, width, self.pad_id).to(self.state.device)
+        return Microbatch(batch, len(seqs), index, rows=batch)
 
-    def _cp_local(self, batch: packing.PaddedBatch) -> packing.PaddedBatch:
+    @property
+    def packing(self) -> bool:
+        """train.packing: microbatches are packed THD rows (LocalCoreAttention on CPU, TE on GPU)."""
+        return self.cfg.train.packing
+
+    def _packed_microbatch(self, sequences, index: list[int]) -> Microbatch:
+        """The sequences `index` packed into one [1, T] row (an empty index: one filler sequence)."""
+        m, p = self.cfg.model, self.cfg.parallel
+        seqs = [sequences[i] for i in index] or [FILLER]
+        longest = max(len(t) for t, _ in seqs)
+        if longest > m.max_position_embeddings:
+            raise ValueError(f"a sequence of {longest} tokens exceeds model.max_position_embeddings="
+                             f"{m.max_position_embeddings}")
+        multiple = packing.pad_multiple(p.tp, p.cp, p.sequence_parallel)
+        total = packing.pad_multiple(p.tp, p.cp, p.sequence_parallel, packing.fp8_align_for(m.fp8))
+        batch = packing.pack_thd(seqs, self.pad_id, multiple=multiple, total_multiple=total).to(self.state.device)
+        params = batch.packed_seq_params()
+        params.cp_group = self.state.cp_group
+        rows = packing.pad_batch(seqs, self.pad_id).to(self.state.device)
+        return Microbatch(batch, len(index), index, rows=rows, packed_seq_params=params)
+
+    def _packed_plan(self, costs: list[int], items_per_mb: int) -> list[list[int]]:
+        """This rank's microbatches of item indices: by `train.max_tokens_per_microbatch` when set, else
+        `items_per_mb` items each (the padded path's plan)."""
+        budget = self.cfg.train.max_tokens_per_microbatch
+        if budget:
+            plan = packing.plan_token_budget(costs, budget, self.state.dp_size)[self.state.dp_rank]
+        else:
+            plan = plan_microbatches(len(costs), items_per_mb, self.state.dp_size, self.state.dp_rank)
+        if self.state.vpp_size:  # the interleaved schedule runs microbatches in groups of pp: filler to a multiple
+            plan += [[] for _ in range(-len(plan) % self.state.pp_size)]
+        return plan
+
+    def _packed_cost(self, sequence: Seq) -> int:
+        p = self.cfg.parallel
+        multiple = packing.pad_multiple(p.tp, p.cp, p.sequence_parallel)
+        return -(-len(sequence[0]) // multiple) * multiple
+
+    def _cp_local(self, batch):
+        if isinstance(batch, packing.PackedBatch):
+            return packing.split_packed_for_cp(batch, self.state.cp_rank, self.state.cp_size)
         return packing.split_padded_for_cp(batch, self.state.cp_rank, self.state.cp_size)
 
     def _token_logprobs(self, logits: torch.Tensor, mb: Microbatch, temperature: float) -> torch.Tensor:
-        """[B, S] per-position log-probs of the targets (0 off the response), whole sequence on every CP rank."""
+        """[B, S] per-position log-probs of `mb.rows`' targets (0 off the response), whole sequences on every CP
+        rank; a packed batch's [1, T] values are gathered into the rows' layout."""
         local = self._cp_local(mb.batch)
         token_lp = lp.logprobs_from_logits(logits, local, self.state.tp_group, temperature, self.vocab_size)
-        if self.state.cp_size > 1:
-            token_lp = _GatherContextParallel.apply(token_lp, self.state.cp_group, self.state.cp_rank,
-                                                    self.state.cp_size)
-        return token_lp
+        cp, cp_rank = self.state.cp_size, self.state.cp_rank
+        if mb.packed_seq_params is None:
+            if cp > 1:
+                token_lp = _GatherContextParallel.apply(token_lp, self.state.cp_group, cp_rank, cp)
+            return token_lp
+        if cp > 1:
+            positions = [packing.packed_cp_positions(mb.batch, r, cp).to(token_lp.device) for r in range(cp)]
+            token_lp = _GatherPositions.apply(token_lp, self.state.cp_group, positions, cp_rank)
+        return packing.packed_to_rows(mb.batch, token_lp, mb.rows.tokens.shape[1])
 
     def _run_schedule(self, microbatches: list[Microbatch], loss_func, forward_only: bool) -> None:
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -193,10 +271,13 @@ class Trainer:
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
             local = self._cp_local(mb.batch)
-            output = model(local.tokens, local.position_ids, None)
+            output = model(local.tokens, local.position_ids, None, packed_seq_params=mb.packed_seq_params)
             return output, lambda logits: loss_func(logits, mb)
 
-        rows, width = microbatches[0].batch.tokens.shape
+        rows = microbatches[0].batch.tokens.shape[0]
+        width = max(mb.batch.tokens.shape[1] for mb in microbatches)
+        # packed microbatches differ in length: stages exchange each one's shape first (p2p handshake)
+        self.config.variable_seq_lengths = self.state.pp_size > 1 and microbatches[0].packed_seq_params is not None
         get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=[iter(microbatches) for _ in self.model],
             model=self.model, num_microbatches=len(microbatches), seq_length=width, micro_batch_size=rows,
@@ -212,15 +293,19 @@ class Trainer:
     def logprobs(self, sequences: Sequence[Seq], temperature: float = 1.0) -> list[torch.Tensor]:
         """Per-sequence fp32 log-probs of the response tokens under softmax(logits / temperature), on every rank."""
         mbs = self.cfg.train.logprobs_micro_batch_size or self.cfg.train.micro_batch_size
-        plan = plan_microbatches(len(sequences), mbs, self.state.dp_size, self.state.dp_rank)
-        rows = min(mbs, max(len(p) for p in plan) or 1)
-        width = self._width(sequences, plan, rows)
-        microbatches = [self._microbatch(sequences, index, rows, width) for index in plan]
+        if self.packing:
+            plan = self._packed_plan([self._packed_cost(s) for s in sequences], mbs)
+            microbatches = [self._packed_microbatch(sequences, index) for index in plan]
+        else:
+            plan = plan_microbatches(len(sequences), mbs, self.state.dp_size, self.state.dp_rank)
+            rows = min(mbs, max(len(p) for p in plan) or 1)
+            width = self._width(sequences, plan, rows)
+            microbatches = [self._microbatch(sequences, index, rows, width) for index in plan]
         found: dict[int, torch.Tensor] = {}
 
         def loss_func(logits, mb: Microbatch):
             token_lp = self._token_logprobs(logits, mb, temperature)
-            per_seq = mb.batch.response_logprobs(token_lp.float().cpu())
+            per_seq = mb.rows.response_logprobs(token_lp.float().cpu())
             for i, values in zip(mb.index, per_seq[:mb.num_real]):
                 found[i] = values.clone()
             return token_lp.sum() * 0.0, torch.zeros((), dtype=torch.int, device=token_lp.device), {}
@@ -279,15 +364,9 @@ class Trainer:
         self._check_inputs(sequences, objective, rewards, old_logprobs, ref_logprobs, rollout_logprobs, group_size)
         temperature = self.cfg.rollout.temperature if temperature is None else temperature
         k, mbs = group_size, self.cfg.train.micro_batch_size
-        group_plan = plan_microbatches(len(sequences) // k, mbs // k, self.state.dp_size, self.state.dp_rank)
-        plan = [[g * k + j for g in groups for j in range(k)] for groups in group_plan]
-        all_rows = [len(p) * k for r in range(self.state.dp_size)
-                    for p in plan_microbatches(len(sequences) // k, mbs // k, self.state.dp_size, r)]
-        rows = min(mbs, max(all_rows) or k)
-        width = self._width(sequences, plan, rows)
-        microbatches = []
-        for index in plan:
-            mb = self._microbatch(sequences, index, rows, width)
+        microbatches = self._train_microbatches(sequences, k, mbs)
+        for mb in microbatches:
+            index, width = mb.index, mb.rows.tokens.shape[1]
             prompt_lens = [sequences[i][1] for i in index]
             dev = self.state.device
             mb.old_logprobs = scatter_response([old_logprobs[i] for i in index], prompt_lens, width).to(dev)
@@ -297,7 +376,6 @@ class Trainer:
                 mb.rollout_logprobs = scatter_response([rollout_logprobs[i] for i in index], prompt_lens,
                                                        width).to(dev)
             mb.rewards = rewards[index].to(dev)
-            microbatches.append(mb)
         sums: dict[str, float] = {}
 
         def loss_func(logits, mb: Microbatch):
@@ -310,18 +388,37 @@ class Trainer:
             n = mb.num_real
             ref = mb.ref_logprobs[:n] if mb.ref_logprobs is not None else None
             rollout = mb.rollout_logprobs[:n] if mb.rollout_logprobs is not None else None
-            batch = ObjectiveBatch(token_lp[:n], mb.old_logprobs[:n], mb.batch.loss_mask[:n], mb.rewards, k, ref,
+            batch = ObjectiveBatch(token_lp[:n], mb.old_logprobs[:n], mb.rows.loss_mask[:n], mb.rewards, k, ref,
                                    rollout)
             loss, metrics = objective(batch, normalizer)
             if not loss.requires_grad:  # e.g. no usable group in this microbatch: a zero that backward accepts
                 loss = loss + token_lp.sum() * 0.0
             metrics = dict(metrics, **{"loss/total": loss.item(), "train/num_sequences": float(n),
-                                       "train/num_response_tokens": float(mb.batch.loss_mask[:n].sum().item())})
+                                       "train/num_response_tokens": float(mb.rows.loss_mask[:n].sum().item()),
+                                       "train/num_tokens_real": float(mb.rows.lengths[:n].sum().item()),
+                                       "train/num_tokens_computed": float(mb.batch.tokens.numel())})
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
             return loss, num_tokens, {}
 
         return self._step(microbatches, loss_func, sums)
+
+    def _train_microbatches(self, sequences, k: int, mbs: int) -> list[Microbatch]:
+        """This rank's microbatches of whole groups (group g = rows g*K..g*K+K-1): packed (train.packing) by
+        token budget or `mbs // k` groups each, else padded to the step's width in `mbs`-row microbatches."""
+        num_groups = len(sequences) // k
+        if self.packing:
+            costs = [sum(self._packed_cost(sequences[g * k + j]) for j in range(k)) for g in range(num_groups)]
+            group_plan = self._packed_plan(costs, mbs // k)
+            return [self._packed_microbatch(sequences, [g * k + j for g in groups for j in range(k)])
+                    for groups in group_plan]
+        group_plan = plan_microbatches(num_groups, mbs // k, self.state.dp_size, self.state.dp_rank)
+        plan = [[g * k + j for g in groups for j in range(k)] for groups in group_plan]
+        all_rows = [len(p) * k for r in range(self.state.dp_size)
+                    for p in plan_microbatches(num_groups, mbs // k, self.state.dp_size, r)]
+        rows = min(mbs, max(all_rows) or k)
+        width = self._width(sequences, plan, rows)
+        return [self._microbatch(sequences, index, rows, width) for index in plan]
 
     def _step(self, microbatches: list[Microbatch], loss_func, sums: dict) -> dict:
         t0 = time.perf_counter()
@@ -339,6 +436,7 @@ class Trainer:
         else:
             update_successful, grad_norm, _ = self.optimizer.step()
             self.scheduler.step(1)
+        optim.finish_param_gather(self.model)
         changed = int((self._fingerprints() != before).any(dim=1).sum().item())
         t2 = time.perf_counter()
         parts = self._gather_dict({self.state.rank: (sums if self._reports else {}, changed, before.shape[0])})

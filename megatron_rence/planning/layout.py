@@ -55,10 +55,10 @@ def check_layout(cfg: Config, hw: Hardware, vocab_size: int, on_cpu: bool) -> La
             if (dim // p.tp) % 16:
                 err(f"{key}: FP8 GEMMs need {key.split('.')[1]}/tp={dim // p.tp} to be a multiple of 16")
     if on_cpu:
-        for key, bad in (("parallel.cp", p.cp > 1), ("parallel.distributed_optimizer", p.distributed_optimizer),
+        for key, bad in (("parallel.distributed_optimizer", p.distributed_optimizer),
                          ("model.fp8", m.fp8 is not None), ("rollout.engine", r.engine == "sglang")):
             if bad:
-                err(f"{key}: needs CUDA (train.device=cpu); context parallel and FP8 need Transformer Engine, "
+                err(f"{key}: needs CUDA (train.device=cpu); FP8 needs Transformer Engine, "
                     f"the distributed optimizer and SGLang need GPUs")
     if r.engine == "sglang":
         _check_engine(cfg, hw, err)

@@ -87,10 +87,12 @@ def test_error_in_parent_names_the_parent(recipes):
     ("rollout.max_new_tokens=5000", "rollout.max_new_tokens"),
     ("objective.t_easy=1.5", "objective.t_easy"),
     ("model.num_query_groups=3", "model.num_query_groups"),
+    ("train.max_tokens_per_microbatch=-1", "train.max_tokens_per_microbatch"),
+    ("train.max_tokens_per_microbatch=4096 train.packing=false", "train.max_tokens_per_microbatch"),
 ])
 def test_impossible_combinations(recipes, override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        load_recipe(recipes / "child.yaml", [override])
+        load_recipe(recipes / "child.yaml", override.split())
 
 
 def test_world_size_checks(recipes):

@@ -129,3 +129,32 @@ def test_split_for_cp_keeps_per_sequence_sums():
     # sequence 0 has padded length 8 -> rank 1 holds positions 2..5; sequence 1 (4) -> position 1, 2
     assert r1.tokens.tolist()[0][:6] == [3, 4, 5, 0, 7, 8]
     assert r1.seq_index.tolist()[:6] == [0, 0, 0, -1, 1, 1]
+
+
+def test_plan_token_budget_balances_ranks_and_packs_first_fit():
+    # by cost 8(i2) 7(i4) 5(i0) 3(i1) 2(i3): ranks get [i2, i1, i3] (13 tokens) and [i4, i0] (12 tokens);
+    # rank 0 first-fit: [i2 | room 2], i1 opens a bin, i3 fills bin 0; rank 1: 7 + 5 > 10, two bins
+    assert packing.plan_token_budget([5, 3, 8, 2, 7], 10, 2) == [[[2, 3], [1]], [[4], [0]]]
+    # an item over the budget gets a microbatch of its own
+    assert packing.plan_token_budget([12, 1], 10, 1) == [[[0], [1]]]
+    # ranks without items run as many (empty = filler) microbatches as the others
+    assert packing.plan_token_budget([4], 10, 3) == [[[0]], [[]], [[]]]
+    plan = packing.plan_token_budget([3] * 7, 6, 2)
+    assert sorted(i for rank in plan for mb in rank for i in mb) == list(range(7))  # every item exactly once
+    assert len(plan[0]) == len(plan[1]) == 2
+    with pytest.raises(ValueError, match="max_tokens_per_microbatch"):
+        packing.plan_token_budget([1], 0, 1)
+
+
+def test_packed_to_rows_and_cp_positions():
+    batch = packing.pack_thd([([1, 2, 3], 1), ([4, 5], 1)], pad_id=0, multiple=4)
+    values = torch.arange(8, dtype=torch.float32, requires_grad=True)
+    rows = packing.packed_to_rows(batch, values.unsqueeze(0), 3)
+    assert rows.tolist() == [[0.0, 1.0, 2.0], [4.0, 5.0, 0.0]]
+    rows.sum().backward()  # a gather: gradient 1 on the real positions, 0 on the padding
+    assert values.grad.tolist() == [1, 1, 1, 0, 1, 1, 0, 0]
+    # cp=2: each sequence (4 tokens) is cut into 4 chunks of 1; rank 0 holds chunks 0 and 3 of each
+    assert packing.packed_cp_positions(batch, 0, 2).tolist() == [0, 3, 4, 7]
+    assert packing.packed_cp_positions(batch, 1, 2).tolist() == [1, 2, 5, 6]
+    local = packing.split_packed_for_cp(batch, 1, 2)
+    assert local.tokens[0].tolist() == batch.tokens[0, [1, 2, 5, 6]].tolist()

@@ -83,6 +83,36 @@ def reference_grads(cfg, source: Trainer, seqs, rewards, old, ref, objective, no
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+@pytest.mark.parametrize("packed, budget", [(False, 0), (True, 1), (True, 80), (True, 10_000)])
+def test_packed_token_budget_gives_the_whole_batch_gradient(pstate, packed, budget):
+    """train.packing with microbatches of whole groups by token budget (1: one group each; 80: two or three; 10000: all in one)
+    and the padded path give the whole-batch gradient; the log-prob pass gives the padded pass's values."""
+    seqs, rewards, g = batch()
+    cfg = make_cfg(K)
+    base = trainer(cfg, pstate)
+    cfg.train.packing = False
+    want_lp = base.logprobs(seqs, 0.9)
+    old, ref = perturbed(want_lp, g), perturbed(want_lp, g, 0.2)
+    objective = get_objective(cfg.objective)
+    normalizer = objective.normalizer_for(rewards.reshape(-1, K), [len(v) for v in old])
+    want_loss, want = reference_grads(cfg, base, seqs, rewards, old, ref, objective, normalizer)
+    cfg = make_cfg(K)
+    cfg.train.packing, cfg.train.max_tokens_per_microbatch = packed, budget
+    t = trainer(cfg, pstate, source=base)
+    for a, b in zip(t.logprobs(seqs, 0.9), want_lp):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    metrics = t.train_step(seqs, objective, rewards, old, ref, group_size=K, normalizer=normalizer)
+    group_tokens = [sum(len(s) for s, _ in seqs[i:i + K]) for i in range(0, len(seqs), K)]
+    expected_mbs = {0: 4, 1: 4, 10_000: 1}.get(budget) or len(packing.plan_token_budget(group_tokens, budget, 1)[0])
+    assert 1 < expected_mbs < 4 or budget != 80
+    assert metrics["train/num_microbatches"] == expected_mbs
+    assert metrics["loss/total"] == pytest.approx(want_loss, rel=1e-5)
+    if packed:  # packing computes the real tokens only (no TP/CP multiple here)
+        assert metrics["train/num_tokens_computed"] == sum(len(s) for s, _ in seqs)
+    for name, p in t.model_chunks[0].named_parameters():
+        torch.testing.assert_close(p.main_grad, want[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
 @pytest.mark.parametrize("objective_name", ["rence", "grpo", "dapo", "online_dpo"])
 def test_microbatch_split_gives_the_whole_batch_gradient_and_update(pstate, objective_name):
     seqs, rewards, g = batch()
@@ -171,6 +201,18 @@ def test_a_step_lowers_the_loss_and_follows_the_lr_schedule(pstate):
     # ReNCE at theta = theta_old: ln(1 + |N|) per positive; groups with |N| = 2 and |N| = 3, mean over groups
     assert losses[0] == pytest.approx((math.log(3) + math.log(4)) / 2, rel=1e-5)
     assert losses[2] < losses[1] < losses[0]
+
+
+def test_overlap_settings_default_on_with_cuda_only():
+    p = Config().parallel
+    assert optim.overlap_settings(p, use_cuda=False) == (False, False)
+    assert optim.overlap_settings(p, use_cuda=True) == (True, False)  # param gather needs the distributed optimizer
+    assert optim.overlap_settings(dataclasses.replace(p, distributed_optimizer=True), True) == (True, True)
+    assert optim.overlap_settings(dataclasses.replace(p, overlap_grad_reduce=False), True) == (False, False)
+    with pytest.raises(ConfigError, match="parallel.overlap_grad_reduce"):
+        optim.overlap_settings(dataclasses.replace(p, overlap_grad_reduce=True), use_cuda=False)
+    with pytest.raises(ConfigError, match="parallel.overlap_param_gather"):
+        optim.overlap_settings(dataclasses.replace(p, overlap_param_gather=True), use_cuda=True)
 
 
 def test_plan_microbatches_gives_every_rank_the_same_count():
