@@ -236,8 +236,9 @@ class Trainer:
             plan = packing.plan_token_budget(costs, budget, self.state.dp_size)[self.state.dp_rank]
         else:
             plan = plan_microbatches(len(costs), items_per_mb, self.state.dp_size, self.state.dp_rank)
-        if self.state.vpp_size:  # the interleaved schedule runs microbatches in groups of pp: filler to a multiple
-            plan += [[] for _ in range(-len(plan) % self.state.pp_size)]
+        if self.state.vpp_size:  # the interleaved schedule runs microbatches in groups of pp: filler to a multiple,
+            pp = self.state.pp_size  # and at least 2 x pp (with exactly pp, variable-length p2p hangs: issue 15)
+            plan += [[] for _ in range(max(2 * pp, -(-len(plan) // pp) * pp) - len(plan))]
         return plan
 
     def _packed_cost(self, sequence: Seq) -> int:
