@@ -3,7 +3,7 @@
     python tools/prepare_smollm2.py models/smollm2-135m-instruct          # once
     python benchmarks/real_model_objectives.py [--objectives rence grpo dapo online_dpo] [--steps 28]
         [--k 4] [--heldout 64] [--out runs/real_model_objectives] [--doc docs/real_model.md]
-        [--note "what ran, where"] [--decode-threads] [override ...]
+        [--note "what ran, where"] [--decode-threads] [--parallel N] [override ...]
 
 Every objective runs `python -m megatron_rence.train recipes/smollm2_cpu.yaml objective.name=X` with the same
 seed, step budget and overrides (one process each, one after the other), evaluating the held-out split at
@@ -11,7 +11,9 @@ its last step; "before" is one `rence-eval` of the starting model with the same 
 objectives' own hyper-parameters stay at their defaults. Results (a table and two plots: per-step reward,
 held-out before/after) go between the markers of the generated section of --doc, with --note and the
 wall times, so the hand-written text around it stays. --decode-threads also times the engine's decoding
-with 1 and 2 torch threads (one process each).
+with 1 and 2 torch threads (one process each). --parallel N runs N of these processes at a time (the
+recipe gives each one torch thread, so on 2 cores --parallel 2 halves the wall time); the runs do not share
+anything but the model folder, so the results are the same as one at a time.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -162,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--doc", type=Path, default=REPO / "docs" / "real_model.md")
     parser.add_argument("--note", default="", help="what was run and where (written into the doc)")
     parser.add_argument("--decode-threads", action="store_true", help="also time decoding with 1 and 2 threads")
+    parser.add_argument("--parallel", type=int, default=1, help="processes at a time (each has train.num_threads)")
     parser.add_argument("--keep-checkpoints", action="store_true", help="keep each run's ~1.6 GB checkpoint")
     parser.add_argument("overrides", nargs="*", help="recipe overrides applied to every run")
     args = parser.parse_args(argv)
@@ -171,14 +175,25 @@ def main(argv: list[str] | None = None) -> int:
     common = [f"model.hf_path={args.model}", f"model.tokenizer={args.model}", f"eval.num_samples={args.k}",
               f"data.synthetic.num_heldout={args.heldout}", *args.overrides]
     speeds = {t: decode_speed(args.model, t) for t in (1, 2)} if args.decode_threads else {}
-    before = evaluate_before(args.model, args.out, common)
-    print(f"before: held-out avg@{args.k} {100 * before[f'avg@{args.k}']:.1f}% ({before['seconds']:.0f} s)", flush=True)
-    results = []
-    for objective in args.objectives:
+    if args.parallel < 1:
+        parser.error(f"--parallel must be >= 1, got {args.parallel}")
+
+    def trained(objective: str) -> dict:
         r = train_one(objective, args.out, common, args.steps, args.keep_checkpoints)
-        results.append(r)
         print(f"{objective}: held-out avg@{args.k} {100 * r['after'][f'avg@{args.k}']:.1f}% after "
               f"{len(r['records'])} steps ({r['seconds']:.0f} s)", flush=True)
+        return r
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:  # each job is a subprocess
+        before_job = pool.submit(evaluate_before, args.model, args.out, common)
+        jobs = [pool.submit(trained, objective) for objective in args.objectives]
+        before = before_job.result()
+        print(f"before: held-out avg@{args.k} {100 * before[f'avg@{args.k}']:.1f}% ({before['seconds']:.0f} s)", flush=True)
+        results = [job.result() for job in jobs]
+    total = time.perf_counter() - t0
+    if args.parallel > 1:
+        args.note = f"{args.note} ({args.parallel} processes at a time, {total / 60:.0f} min in all)".strip()
     pngs = plot(results, before, args.k, args.doc.parent / "real_model")
     section = report(results, before, args.k, args.steps, args.note, speeds, pngs, args.doc)
     write_section(args.doc, section)
