@@ -18,6 +18,9 @@ class MetricsLogger:
     """Writes one record per step. Only the rank that owns logging (rank 0) should construct one.
 
     On resume, records after `resume_step` (steps that will be run again) are dropped from metrics.jsonl.
+    A fresh run in a directory that still has a metrics.jsonl (a run that stopped before its first checkpoint:
+    with checkpoints, `rundir.check_fresh_launch` refuses the launch or, with train.overwrite, deletes it)
+    renames the old log to metrics.jsonl.<n> and says so.
     """
 
     def __init__(self, cfg: LoggingConfig, run_dir: str | os.PathLike, num_steps: int, start_step: int = 0,
@@ -28,8 +31,10 @@ class MetricsLogger:
         self.jsonl_path = self.run_dir / "metrics.jsonl"
         if resume_step is not None:
             _truncate_after(self.jsonl_path, resume_step)
+        elif self.jsonl_path.exists() and self.jsonl_path.stat().st_size == 0:
+            self.jsonl_path.unlink()
         elif self.jsonl_path.exists():
-            self.jsonl_path.unlink()  # a fresh run in an existing directory starts a fresh log
+            _keep_aside(self.jsonl_path)  # a fresh run starts a fresh log; the old one is kept, not lost
         self._jsonl = open(self.jsonl_path, "a") if cfg.jsonl else None
         self._tb = None
         if cfg.tensorboard:
@@ -129,6 +134,17 @@ def _parse_records(path: Path) -> list[tuple[str, dict]]:
             print(f"warning: {path}:{line_no}: dropping a torn last line ({len(line)} characters, not JSON: "
                   f"{exc.msg}); the run was probably killed or the disk filled while it was written", flush=True)
     return out
+
+
+def _keep_aside(path: Path) -> Path:
+    """Rename `path` to the first free `<path>.<n>` (n = 1, 2, ...), print where it went, return the new path."""
+    n = 1
+    while path.with_name(f"{path.name}.{n}").exists():
+        n += 1
+    kept = path.with_name(f"{path.name}.{n}")
+    os.replace(path, kept)
+    print(f"metrics: {path} of an earlier run (no checkpoint to resume from) kept as {kept}", flush=True)
+    return kept
 
 
 def _truncate_after(path: Path, step: int) -> None:

@@ -73,3 +73,19 @@ def test_a_full_disk_while_logging_names_the_file(tmp_path):
                                       "no space left on device"):
         logger.log(1, {"loss/total": 1.0})
     logger.close()
+
+
+def test_a_fresh_run_keeps_an_earlier_log_aside(tmp_path, capsys):
+    """A run that stopped before its first checkpoint leaves only metrics.jsonl; launching afresh in the same
+    run dir must not delete it (nothing lost): it becomes metrics.jsonl.1, then .2 for the next one."""
+    _write(tmp_path / "metrics.jsonl", [1, 2])
+    logger = MetricsLogger(_cfg(), tmp_path, num_steps=1)
+    logger.log(1, {"loss/total": 9.0})
+    logger.close()
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1]
+    kept = (tmp_path / "metrics.jsonl.1").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in kept] == [1, 2]
+    assert "kept as" in capsys.readouterr().out
+    MetricsLogger(_cfg(), tmp_path, num_steps=1).close()
+    assert json.loads((tmp_path / "metrics.jsonl.2").read_text())["loss/total"] == 9.0
+    assert (tmp_path / "metrics.jsonl.1").read_text().count("\n") == 2
