@@ -325,8 +325,8 @@ _MINIMUMS = {
     "train.max_nonfinite_steps": 1, "weights.bucket_bytes": 1, "checkpoint.every": 0, "checkpoint.keep_last": 0,
     "eval.every": 0, "eval.num_samples": 1, "eval.max_new_tokens": 1, "eval.prompts_per_batch": 1,
 }
-_POSITIVE = ["reward.timeout_s", "rollout.sglang.health_poll_s", "rollout.sglang.mem_fraction_static",
-             "model.norm_epsilon", "model.rotary_base"]
+_POSITIVE = ["reward.timeout_s", "rollout.sglang.health_poll_s", "rollout.sglang.request_timeout_s",
+             "rollout.sglang.mem_fraction_static", "model.norm_epsilon", "model.rotary_base"]
 
 
 def _get_dotted(cfg, key: str):
@@ -356,14 +356,6 @@ def validate(cfg: Config, source: str = "<recipe>", where=None) -> None:
 
     check_ranges(cfg, fail)
     m, p, t, r, o = cfg.model, cfg.parallel, cfg.train, cfg.rollout, cfg.objective
-    for key, value in [("parallel.tp", p.tp), ("parallel.pp", p.pp), ("parallel.cp", p.cp),
-                       ("train.micro_batch_size", t.micro_batch_size),
-                       ("train.global_batch_size", t.global_batch_size),
-                       ("rollout.num_samples", r.num_samples), ("rollout.prompts_per_step", r.prompts_per_step),
-                       ("model.num_layers", m.num_layers), ("model.num_attention_heads", m.num_attention_heads),
-                       ("model.num_query_groups", m.num_query_groups), ("model.hidden_size", m.hidden_size)]:
-        if value < 1:
-            fail(key, f"must be >= 1, got {value}")
     if m.hf_path is None:
         if m.num_attention_heads % m.num_query_groups:
             fail("model.num_query_groups", f"{m.num_query_groups} does not divide "
@@ -427,10 +419,6 @@ def validate(cfg: Config, source: str = "<recipe>", where=None) -> None:
     if t.debug_check_sync and r.engine != "hf":
         fail("train.debug_check_sync", "compares the engine's weights with the trainer's, which only the CPU "
              "engine (rollout.engine=hf) exposes")
-    if cfg.weights.bucket_bytes < 1:
-        fail("weights.bucket_bytes", "must be >= 1")
-    if not r.sglang.request_timeout_s > 0:
-        fail("rollout.sglang.request_timeout_s", f"must be > 0 seconds, got {r.sglang.request_timeout_s}")
     if t.num_threads < 0:
         fail("train.num_threads", f"must be >= 0 (0 = torch's default), got {t.num_threads}")
     if t.max_minutes < 0:
