@@ -278,7 +278,7 @@ class BenchmarkConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = 0  # steps; 0 = never during training
+    every: int = 0  # steps; 0 = never during training; N: every N steps and at the last step
     benchmarks: list[BenchmarkConfig] = field(default_factory=list)
     num_samples: int = 4  # k for avg@k / pass@k
     temperature: float = 0.6

@@ -226,13 +226,13 @@ def save(run: Run, step: int) -> None:
 
 
 def maybe_evaluate(run: Run, step: int) -> dict:
-    """Every `eval.every` steps (collective): each engine evaluates its share of the problems, as in rollout;
-    rank 0 writes the reports and returns the metrics."""
+    """Every `eval.every` steps and at the last step (collective): each engine evaluates its share of the
+    problems, as in rollout; rank 0 writes the reports and returns the metrics."""
     from megatron_rence.evaluate import evaluate
     from megatron_rence.phases import gather_objects
 
     e = run.cfg.eval
-    if not (e.every and e.benchmarks and step % e.every == 0):
+    if not (e.every and e.benchmarks and (step % e.every == 0 or step == run.cfg.train.num_steps)):
         return {}
     out_dir = Path(e.out_dir or Path(run.cfg.train.run_dir) / "eval")
     engine = run.engine if run.engine_index >= 0 else None

@@ -67,16 +67,23 @@ PROBLEMS = [("p1", "1+1", "2", ["\\boxed{2}", "3", "2", "\\boxed{5}"]),  # 2 of 
             ("p3", "3*3", "9", ["9", "\\boxed{9}", "\\boxed{9.0}", "so 9"])]  # 4 of 4
 
 
-def test_evaluate_metrics_and_reports(tmp_path):
-    pytest.importorskip("megatron_rence.rollout.types")
-    from megatron_rence.evaluate import evaluate
-
+def _toy_benchmark(tmp_path):
+    """The synthetic tokenizer, a data config, PROBLEMS written as a jsonl benchmark, and the scripted
+    responses keyed by each problem's prompt tokens."""
     tok = build_synthetic_tokenizer()
     data_cfg = DataConfig(template="{problem}=")
     bench = tmp_path / "toy.jsonl"
     bench.write_text("".join(json.dumps({"id": i, "problem": p, "answer": a}) + "\n" for i, p, a, _ in PROBLEMS))
     script = {tuple(encode_prompt(render_prompt(p, tok, data_cfg.template), tok, data_cfg.template)): r
               for _, p, _, r in PROBLEMS}
+    return tok, data_cfg, bench, script
+
+
+def test_evaluate_metrics_and_reports(tmp_path):
+    pytest.importorskip("megatron_rence.rollout.types")
+    from megatron_rence.evaluate import evaluate
+
+    tok, data_cfg, bench, script = _toy_benchmark(tmp_path)
     engine = ScriptedEngine(script)
     eval_cfg = EvalConfig(benchmarks=[BenchmarkConfig(name="toy", path=str(bench))], num_samples=4,
                           temperature=0.7, prompts_per_batch=2)
@@ -149,12 +156,7 @@ def test_evaluation_split_across_engines_gives_the_single_engine_results(tmp_pat
 
     from megatron_rence.evaluate import evaluate
 
-    tok = build_synthetic_tokenizer()
-    data_cfg = DataConfig(template="{problem}=")
-    bench = tmp_path / "toy.jsonl"
-    bench.write_text("".join(json.dumps({"id": i, "problem": p, "answer": a}) + "\n" for i, p, a, _ in PROBLEMS))
-    script = {tuple(encode_prompt(render_prompt(p, tok, data_cfg.template), tok, data_cfg.template)): r
-              for _, p, _, r in PROBLEMS}
+    tok, data_cfg, bench, script = _toy_benchmark(tmp_path)
     eval_cfg = EvalConfig(benchmarks=[BenchmarkConfig(name="toy", path=str(bench))], num_samples=4, prompts_per_batch=2)
     with RewardPool(RewardConfig(num_workers=0)) as pool:
         single = evaluate(ScriptedEngine(script), tok, eval_cfg, data_cfg, pool, tmp_path / "single", step=1)
@@ -186,3 +188,24 @@ def test_evaluation_split_across_engines_gives_the_single_engine_results(tmp_pat
     assert (tmp_path / "split" / "step_000001" / "toy.jsonl").read_text() == \
         (tmp_path / "single" / "step_000001" / "toy.jsonl").read_text()
     assert len((tmp_path / "split" / "summary.jsonl").read_text().splitlines()) == 1
+
+
+def test_training_evaluates_every_n_steps_and_at_the_last_step(monkeypatch):
+    """eval.every=4 with 10 steps: steps 4, 8 and 10 (the run's last step is always evaluated), never 0."""
+    from types import SimpleNamespace
+
+    import megatron_rence.evaluate
+    from megatron_rence.config import Config
+    from megatron_rence.train import maybe_evaluate
+
+    steps = []
+    monkeypatch.setattr(megatron_rence.evaluate, "evaluate", lambda *a, step, **kw: steps.append(step) or {"e": 1.0})
+    cfg = Config()
+    cfg.eval.every, cfg.train.num_steps = 4, 10
+    cfg.eval.benchmarks = [BenchmarkConfig(name="toy", path="toy.jsonl")]
+    run = SimpleNamespace(cfg=cfg, engine=None, engine_index=0, num_engines=1, tokenizer=None, reward_pool=None,
+                          pstate=SimpleNamespace(rank=0))
+    got = {step: maybe_evaluate(run, step) for step in range(1, 11)}
+    assert steps == [4, 8, 10] and [s for s, m in got.items() if m] == [4, 8, 10]
+    cfg.eval.every = 0
+    assert maybe_evaluate(run, 10) == {} and steps == [4, 8, 10]
