@@ -31,3 +31,29 @@ def make_hf_model(arch: str, out: Path, with_tokenizer: bool = False) -> dict[st
 
         build_synthetic_tokenizer().save_pretrained(out)
     return load_file(Path(out) / "model.safetensors")
+
+
+def save_chat_model(out: Path, arch: str = "llama", *, seed: int, hidden_size: int = 32, intermediate_size: int = 64,
+                    max_position_embeddings: int = 64, tie_word_embeddings: bool = True, extra_vocab: int = 0,
+                    jitter: float = 0.0, dtype: torch.dtype | None = None) -> Path:
+    """A tiny random llama / qwen2 checkpoint (2 layers, 4 heads / 2 KV groups) saved with the synthetic
+    tokenizer (which has a chat template), as the recipes' `model.hf_path` / `model.tokenizer` expect.
+    `jitter` > 0 moves every tensor (norm weights off 1, biases off 0) so that a tensor left unloaded shows."""
+    from megatron_rence.data.tokenizer import build_synthetic_tokenizer
+
+    config_cls, model_cls, _ = ARCHS[arch]
+    tokenizer = build_synthetic_tokenizer()
+    config = config_cls(vocab_size=len(tokenizer) + extra_vocab, hidden_size=hidden_size,
+                        intermediate_size=intermediate_size, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, max_position_embeddings=max_position_embeddings,
+                        tie_word_embeddings=tie_word_embeddings, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    model = model_cls(config)
+    if jitter:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(jitter * torch.randn_like(p))
+    (model.to(dtype) if dtype is not None else model).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return Path(out)

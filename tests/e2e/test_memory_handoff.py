@@ -92,15 +92,10 @@ def _cfg(run_dir, num_steps: int):
 
 def _train(cfg, resume: bool = False) -> list[dict]:
     from megatron_rence import train
-    from megatron_rence.megatron import cpu_compat, parallel
+    from tests.megatron_state import cpu_compat_restored
 
-    was_applied = cpu_compat.is_applied()
-    try:
+    with cpu_compat_restored():
         return train.run_training(cfg, resume=resume)
-    finally:
-        parallel.destroy()
-        if not was_applied:
-            cpu_compat.restore()
 
 
 def test_lifecycle_order_every_step_with_a_restart_and_a_resume(recorded, tmp_path):

@@ -6,25 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-import transformers
-
-from megatron_rence.data.tokenizer import build_synthetic_tokenizer
+from tests.hf_models import save_chat_model
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def make_tiny_chat_model(out: Path) -> Path:
     """A tiny random Llama with tied embeddings (like SmolLM2) and the synthetic tokenizer's chat template."""
-    tokenizer = build_synthetic_tokenizer()
-    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=512, tie_word_embeddings=True,
-                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(3)
-    transformers.LlamaForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return save_chat_model(out, "llama", seed=3, max_position_embeddings=512)
 
 
 def test_real_recipe_runs_two_steps_with_a_tiny_model(tmp_path):

@@ -9,8 +9,8 @@ import pytest
 import torch
 import transformers
 
-from megatron_rence.data.tokenizer import build_synthetic_tokenizer
 from megatron_rence.recipe import load_recipe
+from tests.hf_models import save_chat_model
 
 REPO = Path(__file__).resolve().parents[2]
 ARCH = ["model.num_layers=2", "model.hidden_size=32", "model.ffn_hidden_size=64", "model.num_attention_heads=4",
@@ -19,47 +19,32 @@ ARCH = ["model.num_layers=2", "model.hidden_size=32", "model.ffn_hidden_size=64"
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("hf")
-    tokenizer = build_synthetic_tokenizer()
-    config = transformers.Qwen2Config(vocab_size=len(tokenizer) + 3, hidden_size=48, intermediate_size=80,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=64, tie_word_embeddings=True,
-                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(5)
-    model = transformers.Qwen2ForCausalLM(config)
-    with torch.no_grad():
-        for p in model.parameters():  # norms away from 1 and biases away from 0: every tensor must be loaded
-            p.add_(0.05 * torch.randn_like(p))
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return save_chat_model(tmp_path_factory.mktemp("hf"), "qwen2", seed=5, hidden_size=48, intermediate_size=80,
+                           extra_vocab=3, jitter=0.05)
 
 
 def test_setup_loads_the_hf_weights(hf_dir, tmp_path):
     from megatron_rence import train
-    from megatron_rence.megatron import cpu_compat, parallel
+    from tests.megatron_state import cpu_compat_restored
 
     cfg = load_recipe(REPO / "recipes/demo_cpu.yaml",
                       [f"model.hf_path={hf_dir}", f"model.tokenizer={hf_dir}", f"train.run_dir={tmp_path}",
                        "logging.tensorboard=false", "logging.progress_bar=false", "reward.num_workers=1"])
     assert cfg.model.arch == "qwen2" and cfg.model.hidden_size == 48
-    was_applied = cpu_compat.is_applied()
-    run = train.setup(cfg, resume=False)
-    try:
-        g = torch.Generator().manual_seed(0)
-        seqs = [(torch.randint(1, run.vocab_size, (n,), generator=g).tolist(), 3) for n in (6, 9, 5)]
-        got = run.trainer.logprobs(seqs, 1.0)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-        for (tokens, prompt_len), lp in zip(seqs, got):
-            with torch.no_grad():
-                logits = hf(torch.tensor([tokens])).logits[0].float()
-            want = torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(tokens[1:]).unsqueeze(1))[:, 0]
-            torch.testing.assert_close(lp, want[prompt_len - 1:], atol=1e-5, rtol=0)
-    finally:
-        train.close(run)
-        parallel.destroy()
-        if not was_applied:
-            cpu_compat.restore()
+    with cpu_compat_restored():
+        run = train.setup(cfg, resume=False)
+        try:
+            g = torch.Generator().manual_seed(0)
+            seqs = [(torch.randint(1, run.vocab_size, (n,), generator=g).tolist(), 3) for n in (6, 9, 5)]
+            got = run.trainer.logprobs(seqs, 1.0)
+            hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+            for (tokens, prompt_len), lp in zip(seqs, got):
+                with torch.no_grad():
+                    logits = hf(torch.tensor([tokens])).logits[0].float()
+                want = torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(tokens[1:]).unsqueeze(1))[:, 0]
+                torch.testing.assert_close(lp, want[prompt_len - 1:], atol=1e-5, rtol=0)
+        finally:
+            train.close(run)
 
 
 def test_cli_run_from_hf_path(hf_dir, tmp_path):
@@ -81,20 +66,8 @@ def test_cli_run_from_hf_path(hf_dir, tmp_path):
 @pytest.fixture(scope="module")
 def hf_bf16_dir(tmp_path_factory):
     """A tiny Llama checkpoint saved in bf16 (so the bf16 trainer holds it exactly) with the synthetic tokenizer."""
-    out = tmp_path_factory.mktemp("hf_bf16")
-    tokenizer = build_synthetic_tokenizer()
-    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=64, tie_word_embeddings=False,
-                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(7)
-    model = transformers.LlamaForCausalLM(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    model.to(torch.bfloat16).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return save_chat_model(tmp_path_factory.mktemp("hf_bf16"), "llama", seed=7, tie_word_embeddings=False,
+                           jitter=0.05, dtype=torch.bfloat16)
 
 
 def test_bf16_run_keeps_the_hf_weights_with_lr_0(hf_bf16_dir, tmp_path):

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from megatron_rence.config import Config, ModelConfig, ObjectiveConfig, OptimConfig
-from megatron_rence.megatron import checkpoint, cpu_compat, parallel
+from megatron_rence.megatron import checkpoint
 from megatron_rence.megatron.model import build_model
 from megatron_rence.megatron.step import Trainer
 from megatron_rence.objectives import get_objective
+from tests.megatron_state import single_rank
 
 VOCAB = 53
 K = 2
@@ -18,12 +19,8 @@ K = 2
 
 @pytest.fixture(scope="module")
 def pstate():
-    was_applied = cpu_compat.is_applied()
-    state = parallel.initialize(Config().parallel, seed=11)
-    yield state
-    parallel.destroy()
-    if not was_applied:
-        cpu_compat.restore()
+    with single_rank(seed=11) as state:
+        yield state
 
 
 def make_trainer(pstate, seed: int) -> Trainer:

@@ -154,13 +154,11 @@ def test_checkpoint_save_leaves_no_helper_process(tmp_path):
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     from megatron_rence.config import Config, ModelConfig
-    from megatron_rence.megatron import cpu_compat, parallel
     from megatron_rence.megatron.model import build_model
     from megatron_rence.megatron.step import Trainer
+    from tests.megatron_state import single_rank
 
-    was_applied = cpu_compat.is_applied()
-    pstate = parallel.initialize(Config().parallel, seed=3)
-    try:
+    with single_rank(seed=3) as pstate:
         cfg = Config()
         cfg.model = ModelConfig(num_layers=1, hidden_size=16, ffn_hidden_size=32, num_attention_heads=2,
                                 num_query_groups=1, max_position_embeddings=16, make_vocab_size_divisible_by=8,
@@ -172,7 +170,3 @@ def test_checkpoint_save_leaves_no_helper_process(tmp_path):
         assert lifecycle.descendants(os.getpid()) - before == set()
         assert type(filesystem_async._results_queue).__module__ == "queue"
         assert (tmp_path / "latest").read_text().strip() == "iter_0000002"
-    finally:
-        parallel.destroy()
-        if not was_applied:
-            cpu_compat.restore()

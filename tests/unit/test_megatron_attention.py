@@ -8,9 +8,10 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 
 from megatron_rence.config import ModelConfig, ParallelConfig
-from megatron_rence.megatron import cpu_compat, logprobs, packing, parallel
+from megatron_rence.megatron import logprobs, packing
 from megatron_rence.megatron.attention import LocalCoreAttention
 from megatron_rence.megatron.model import build_model, transformer_config
+from tests.megatron_state import single_rank
 
 MODEL = ModelConfig(num_layers=2, hidden_size=32, ffn_hidden_size=48, num_attention_heads=4, num_query_groups=2,
                     max_position_embeddings=64, make_vocab_size_divisible_by=8, dtype="fp32")
@@ -19,12 +20,8 @@ VOCAB = 41
 
 @pytest.fixture(scope="module")
 def single_process():
-    was_applied = cpu_compat.is_applied()
-    state = parallel.initialize(ParallelConfig(), seed=5)
-    yield state
-    parallel.destroy()
-    if not was_applied:
-        cpu_compat.restore()
+    with single_rank(seed=5) as state:
+        yield state
 
 
 def _qkv(s, b, g):

@@ -13,8 +13,8 @@ import torch
 import transformers
 
 from megatron_rence.config import ModelConfig, ParallelConfig
-from megatron_rence.megatron import cpu_compat, parallel
 from megatron_rence.megatron.model import build_model, padded_vocab_size, transformer_config
+from tests.megatron_state import single_rank
 
 VOCAB = 90
 COMMON = dict(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, num_query_groups=2,
@@ -23,12 +23,8 @@ COMMON = dict(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_he
 
 @pytest.fixture(scope="module")
 def single_process():
-    was_applied = cpu_compat.is_applied()
-    state = parallel.initialize(ParallelConfig(), seed=3)
-    yield state
-    parallel.destroy()
-    if not was_applied:
-        cpu_compat.restore()
+    with single_rank(seed=3) as state:
+        yield state
 
 
 def _hf_model(arch: str, cfg: ModelConfig):

@@ -8,12 +8,12 @@ import torch
 
 from megatron_rence.config import Config, ModelConfig, ObjectiveConfig, OptimConfig
 from megatron_rence.health import NonFiniteTraining, RunHealth
-from megatron_rence.megatron import cpu_compat, parallel
 from megatron_rence.megatron.model import build_model
 from megatron_rence.megatron.step import Trainer
 from megatron_rence.objectives import get_objective
 from megatron_rence.rollout.sampling import sample_next
 from megatron_rence.rollout.types import SamplingParams
+from tests.megatron_state import single_rank
 
 VOCAB = 53
 K = 2
@@ -21,12 +21,8 @@ K = 2
 
 @pytest.fixture(scope="module")
 def pstate():
-    was_applied = cpu_compat.is_applied()
-    state = parallel.initialize(Config().parallel, seed=13)
-    yield state
-    parallel.destroy()
-    if not was_applied:
-        cpu_compat.restore()
+    with single_rank(seed=13) as state:
+        yield state
 
 
 def make_trainer(pstate) -> Trainer:

@@ -6,23 +6,19 @@ import pytest
 import torch
 
 from megatron_rence.config import Config, ModelConfig, ObjectiveConfig, OptimConfig
-from megatron_rence.megatron import cpu_compat, parallel
 from megatron_rence.megatron.model import build_model
 from megatron_rence.megatron.offload import MemoryHandoff
 from megatron_rence.megatron.step import Trainer
 from megatron_rence.objectives import get_objective
+from tests.megatron_state import single_rank
 
 VOCAB, K = 61, 4
 
 
 @pytest.fixture(scope="module")
 def pstate():
-    was_applied = cpu_compat.is_applied()
-    state = parallel.initialize(Config().parallel, seed=3)
-    yield state
-    parallel.destroy()
-    if not was_applied:
-        cpu_compat.restore()
+    with single_rank(seed=3) as state:
+        yield state
 
 
 def make_trainer(pstate, lr: float = 1e-2) -> Trainer:

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from megatron_rence.config import Config, ConfigError, ModelConfig, ObjectiveConfig, OptimConfig
-from megatron_rence.megatron import cpu_compat, logprobs, optim, packing, parallel
+from megatron_rence.megatron import logprobs, optim, packing
 from megatron_rence.megatron.model import build_model
 from megatron_rence.megatron.step import Trainer, batch_width, plan_microbatches, scatter_response
 from megatron_rence.objectives import ObjectiveBatch, get_objective
+from tests.megatron_state import single_rank
 
 VOCAB = 61
 K = 4  # group size
@@ -21,12 +22,8 @@ MODEL = ModelConfig(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attent
 
 @pytest.fixture(scope="module")
 def pstate():
-    was_applied = cpu_compat.is_applied()
-    state = parallel.initialize(Config().parallel, seed=5)
-    yield state
-    parallel.destroy()
-    if not was_applied:
-        cpu_compat.restore()
+    with single_rank(seed=5) as state:
+        yield state
 
 
 def make_cfg(micro_batch_size: int, objective: str = "rence", **optim_fields) -> Config:
