@@ -68,7 +68,7 @@ def test_hang_is_killed_crash_and_raise_are_replaced():
         pool.grade(["1"], ["1"])  # workers up
         start = time.monotonic()
         responses = ["HANG", "\\boxed{2}", "CRASH", "3", "RAISE", "HANG", "4", "CRASH", "5"]
-        answers = ["1", "2", "1", "3", "1", "1", "4", "1", "6"]
+        answers = ["1", "2", "1", "3", "1", "9", "4", "9", "6"]  # distinct pairs: repeats are graded once
         results = pool.grade(responses, answers)
         elapsed = time.monotonic() - start
         statuses = [r.status for r in results]
@@ -110,3 +110,26 @@ def test_bad_config(field, value):
 
 def test_grade_result_is_plain_data():
     assert GradeResult(1.0, "2", "ok") == GradeResult(1.0, "2", "ok", "")
+
+
+GRADED = []
+
+
+def counting_grade(response, answer, fallbacks, timeout_s):
+    """Test-only grader: records each call, then grades for real."""
+    GRADED.append((response, answer))
+    return grade(response, answer, fallbacks, timeout_s)
+
+
+def test_repeated_pairs_are_graded_once_and_counted_per_pair():
+    """A group's samples of a short answer repeat: each distinct (response, answer) is graded once, every
+    position gets its result, and the metrics count all pairs (4 correct of 6)."""
+    GRADED.clear()
+    responses = ["\\boxed{4}", "\\boxed{5}", "\\boxed{4}", "\\boxed{4}", "\\boxed{4}", "\\boxed{5}"]
+    answers = ["4", "4", "4", "5", "4", "5"]
+    with RewardPool(RewardConfig(num_workers=0), grade_fn=counting_grade) as pool:
+        results = pool.grade(responses, answers)
+        metrics = pool.metrics()
+    assert [r.reward for r in results] == [1, 0, 1, 0, 1, 1]
+    assert GRADED == [("\\boxed{4}", "4"), ("\\boxed{5}", "4"), ("\\boxed{4}", "5"), ("\\boxed{5}", "5")]
+    assert metrics["reward/num_graded"] == 6 and metrics["reward/num_correct"] == 4
