@@ -84,11 +84,31 @@ def become_child(parent_pid: Optional[int] = None) -> None:
     die_with_parent(os.getppid() if parent_pid is None else parent_pid)
 
 
+_mask_before_fork: set = set()
+_pid_before_fork = 0
+
+
+def _before_fork() -> None:
+    """The stop signals stay blocked across the fork, so the child starts with them blocked: one sent to it
+    before `_after_fork_in_child` has run stays pending and is discarded once ignored (without this a SIGTERM
+    right after the fork killed the child: the hook runs only when the child is first scheduled)."""
+    global _mask_before_fork, _pid_before_fork
+    _pid_before_fork = os.getpid()
+    _mask_before_fork = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
+def _after_fork_in_parent() -> None:
+    signal.pthread_sigmask(signal.SIG_SETMASK, _mask_before_fork)
+
+
 def _after_fork_in_child() -> None:
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     if _prctl is not None:  # no thread here: a forked child of a threaded process must stay simple
         _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != _pid_before_fork:  # the parent died before the prctl
+            os._exit(1)
+    signal.pthread_sigmask(signal.SIG_SETMASK, _mask_before_fork)  # pending stop signals: ignored, dropped
 
 
 def install_fork_hook() -> None:
@@ -96,7 +116,8 @@ def install_fork_hook() -> None:
     (megatron's checkpoint writer forks its workers from the trainer). Idempotent."""
     global _fork_hook_installed
     if not _fork_hook_installed:
-        os.register_at_fork(after_in_child=_after_fork_in_child)
+        os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                            after_in_child=_after_fork_in_child)
         _fork_hook_installed = True
 
 
