@@ -13,8 +13,8 @@ held-out before/after) go between the markers of the generated section of --doc,
 wall times, so the hand-written text around it stays; <out>/summary.json keeps the results, and --report-only
 rewrites the section and plots from it without running anything. --decode-threads also times the engine's decoding
 with 1 and 2 torch threads (one process each). --parallel N runs N of these processes at a time (the
-recipe gives each one torch thread, so on 2 cores --parallel 2 halves the wall time); the runs do not share
-anything but the model folder, so the results are the same as one at a time.
+runs get train.num_threads=1 unless an override sets it, so on 2 cores --parallel 2 halves the wall time);
+the runs share nothing but the model folder. The comparison in docs/real_model.md ran with --parallel 2.
 """
 from __future__ import annotations
 
@@ -186,8 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.model / "config.json").is_file():
         print(f"error: no model at {args.model}; run tools/prepare_smollm2.py {args.model}", file=sys.stderr)
         return 2
+    threads = [] if args.parallel == 1 or any(o.startswith("train.num_threads=") for o in args.overrides) \
+        else ["train.num_threads=1"]  # N processes side by side: one torch thread each
     common = [f"model.hf_path={args.model}", f"model.tokenizer={args.model}", f"eval.num_samples={args.k}",
-              f"data.synthetic.num_heldout={args.heldout}", *args.overrides]
+              f"data.synthetic.num_heldout={args.heldout}", *threads, *args.overrides]
     speeds = {t: decode_speed(args.model, t) for t in (1, 2)} if args.decode_threads else {}
     if args.parallel < 1:
         parser.error(f"--parallel must be >= 1, got {args.parallel}")
