@@ -12,7 +12,7 @@ env:
 demo: env
 	$(PY) -m megatron_rence.train recipes/demo_cpu.yaml $(ARGS)
 
-# A real pretrained model (SmolLM2-135M-Instruct) trained on 2 CPU cores, ~25 minutes; see the README.
+# A real pretrained model (SmolLM2-135M-Instruct) trained on 2 CPU cores, ~18 minutes on 2 idle cores; see the README.
 demo-real: env
 	$(PY) -c "import gguf, accelerate" 2>/dev/null || $(PY) -m pip install -q -e ".[real]"
 	$(PY) tools/prepare_smollm2.py $(SMOLLM2)
