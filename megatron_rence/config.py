@@ -6,7 +6,9 @@ Each component receives only its own section (``cfg.objective``, ``cfg.rollout``
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Literal, Optional
 
 
@@ -176,6 +178,16 @@ class ObjectiveConfig:
     # per-token loss is capped at dual_clip_c * |A|, so a token whose ratio grew past dual_clip_c gives no
     # gradient. None = off; must be > 1
     dual_clip_c: Optional[float] = None
+
+
+def max_positives_kept(t_easy: float, k: int) -> int:
+    """objective.t_easy as an integer: the most positives a group of k keeps, the largest c with c / k <= t_easy.
+
+    Exact (t_easy's float64 value as a fraction): ReNCE's filter (objectives/groups.too_easy) and the config
+    check both compare counts with this one integer, so no precision can make them disagree (in float32,
+    5/6 and 0.8333333 are the same number; as reals 5/6 is larger).
+    """
+    return math.floor(Fraction(t_easy) * k)
 
 
 @dataclass
@@ -493,7 +505,7 @@ def ineffective_settings(cfg: Config) -> list[tuple[str, str]]:
     if o.name != "rence":
         return out
     k = r.num_samples
-    if o.t_easy < 1.0 and (k - 1) / k <= o.t_easy:
+    if o.t_easy < 1.0 and max_positives_kept(o.t_easy, k) >= k - 1:
         out.append(("objective.t_easy", f"{o.t_easy} drops no group at rollout.num_samples={k}: a group with "
                     f"both positives and negatives has a positive fraction of at most {k - 1}/{k}, and groups "
                     f"without negatives are dropped anyway (choose t_easy < {(k - 1) / k:.4g})"))

@@ -8,6 +8,8 @@ import math
 
 import torch
 
+from megatron_rence.config import max_positives_kept
+
 
 def positives(rewards: torch.Tensor, threshold: float) -> torch.Tensor:
     """[G,K] bool: reward >= threshold (the verifier's positives)."""
@@ -25,8 +27,8 @@ def positive_fraction(is_positive: torch.Tensor) -> torch.Tensor:
 
 
 def too_easy(is_positive: torch.Tensor, t_easy: float) -> torch.Tensor:
-    """[G] bool: groups whose positive fraction exceeds t_easy (ReNCE's easy-prompt filter)."""
-    return positive_fraction(is_positive) > t_easy
+    """[G] bool: groups whose positive fraction exceeds t_easy (ReNCE's easy-prompt filter), as integer counts."""
+    return is_positive.sum(dim=1) > max_positives_kept(t_easy, is_positive.shape[1])
 
 
 def all_equal(rewards: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,10 @@ Dual clip (objective.dual_clip_c = c > 1, as verl's clip_ratio_c, whose default 
 a negative advantage the clipped term above is capped, l_it = min(l_it, c * |A_i|), so a token whose ratio
 has grown past c (a sample the policy now favours although it was bad) stops pushing its gradient ~rho * |A|.
 Positive advantages are unchanged. Off by default here; verl applies it always.
+Extreme log-ratios: log pi_theta - log pi_old is clamped to [-20, 20] nats before the exp, as verl does
+(kl.LOG_RATIO_CLAMP): past ~88.7 nats exp overflows float32 (an inf loss, or with dual clip a NaN gradient from
+the branch torch.where discards). A clamped token's ratio is the constant e^+-20, so it gives ZERO gradient;
+its loss stays finite. The KL term's clamps are in objectives/kl.py.
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ from megatron_rence.config import ObjectiveConfig
 from megatron_rence.objectives.base import Lengths, ObjectiveBase, ObjectiveBatch, Prepared, total_length
 from megatron_rence.objectives.groups import (all_equal, group_advantages, group_metrics, overlong_penalty,
                                               positives)
+from megatron_rence.objectives.kl import LOG_RATIO_CLAMP
 
 
 class PolicyGradient(ObjectiveBase):
@@ -89,7 +94,7 @@ class PolicyGradient(ObjectiveBase):
         assert normalizer > 0, f"normalizer must be > 0, got {normalizer}"
         advantages = group_advantages(batch.grouped(batch.rewards.float()), self.cfg.normalize_std)
         adv = advantages.reshape(-1, 1)  # [N,1]
-        ratio = torch.exp(batch.log_ratio())  # [N,T]; 1 off the response
+        ratio = torch.exp(batch.log_ratio().clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))  # [N,T]; 1 off the response
         clipped_ratio = ratio.clamp(1.0 - self.clip_eps_low, 1.0 + self.clip_eps_high)
         surrogate = -torch.min(ratio * adv, clipped_ratio * adv)  # [N,T]
         dual_clipped = None

@@ -1,6 +1,7 @@
 """Settings that cannot have an effect (config.ineffective_settings, warned at load), the objective keys added
 for the ReNCE reconstruction, and the paper recipe's ablations (each switches off one component)."""
 import dataclasses
+import math
 from pathlib import Path
 
 import pytest
@@ -31,11 +32,29 @@ def test_t_easy_warning_iff_the_filter_drops_no_contrastive_group(k):
     num_pos = torch.arange(1, k)
     is_pos = torch.arange(k)[None, :] < num_pos[:, None]
     assert contrastive_groups(is_pos).all()
-    for t_easy in sorted({(k - 1) / k, (k - 2) / k, 0.5, 0.75, 0.8, 0.875, 0.9, 0.95, 0.99, 0.0}):
+    near = set()
+    for c in range(1, k):  # values at and around every count boundary c/k, in every precision a user might type
+        exact = c / k
+        near |= {exact, math.nextafter(exact, 0.0), math.nextafter(exact, 1.0),
+                 float(torch.tensor(exact, dtype=torch.float32))}
+        near |= {round(exact, digits) for digits in range(1, 9)}
+    grid = {(k - 1) / k, (k - 2) / k, 0.5, 0.75, 0.8, 0.875, 0.9, 0.95, 0.99, 0.0} | near
+    for t_easy in sorted(t for t in grid if 0.0 <= t < 1.0):
         drops_some = bool(too_easy(is_pos, t_easy).any())
         warned = "objective.t_easy" in keys(rence(k, t_easy=t_easy))
         assert warned == (not drops_some), (k, t_easy)
     assert "objective.t_easy" not in keys(rence(k, t_easy=1.0))  # 1.0 is "off", not a mistake
+
+
+def test_t_easy_one_precision_filter_and_warning_agree():
+    # K=6, t_easy typed as 0.8333333 (< 5/6 as reals): a group with 5 of 6 correct is too easy, and since the
+    # filter drops something there is no warning. (In float32, 5/6 and 0.8333333 are the same number: the old
+    # filter kept the group while the float64 warning check assumed it dropped.)
+    is_pos = torch.tensor([[True] * 5 + [False], [True] * 4 + [False] * 2])
+    assert too_easy(is_pos, 0.8333333).tolist() == [True, False]
+    assert "objective.t_easy" not in keys(rence(6, t_easy=0.8333333))
+    assert too_easy(is_pos, 5 / 6).tolist() == [False, False]
+    assert "objective.t_easy" in keys(rence(6, t_easy=5 / 6))
 
 
 def test_hard_negative_samples_only_for_rence():

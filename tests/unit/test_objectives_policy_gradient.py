@@ -216,3 +216,51 @@ def test_dual_clip_caps_negative_advantages_by_hand():
 def test_dual_clip_must_exceed_one():
     with pytest.raises(ValueError, match="objective.dual_clip_c"):
         pg(dual_clip_c=1.0)
+
+
+def test_extreme_log_ratio_is_clamped_with_zero_gradient():
+    # verl's clamp: log-ratio in [-20, 20] before the exp. Without it, a log-ratio of 100 nats overflows float32
+    # (exp(100) = inf): the GRPO loss is inf. A = [+0.5, -0.5] (normalize_std off), one token each.
+    # A < 0, log-ratio 100 -> clamped to 20: term -A * e^20 (the unclipped branch wins for A < 0), a constant,
+    # so its gradient is 0; A > 0, log-ratio 0: term -0.5, gradient -A / 2 = -0.25.
+    b = batch([[0.0], [100.0]], [1, 0])
+    loss, _ = pg(normalize_std=False)(b, 2.0)
+    loss.backward()
+    assert loss.item() == pytest.approx((-0.5 + 0.5 * math.exp(20.0)) / 2, rel=1e-5)
+    torch.testing.assert_close(b.logprobs.grad, torch.tensor([[-0.25], [0.0]]))
+    # with the dual clip: the loss is capped at c * |A| = 1.5 and the gradient is finite (zero), not NaN
+    b = batch([[0.0], [100.0]], [1, 0])
+    loss, _ = pg(normalize_std=False, dual_clip_c=3.0)(b, 2.0)
+    loss.backward()
+    assert loss.item() == pytest.approx((-0.5 + 1.5) / 2, rel=1e-5)
+    torch.testing.assert_close(b.logprobs.grad, torch.tensor([[-0.25], [0.0]]))
+    # a very negative log-ratio (-100 -> -20): for A > 0 the unclipped branch wins, term -A * e^-20, a constant
+    # after the clamp: gradient exactly 0 (unclamped it was -A * e^-100 / 2, a float32 denormal)
+    b = batch([[-100.0], [0.0]], [1, 0])
+    loss, _ = pg(normalize_std=False)(b, 2.0)
+    loss.backward()
+    assert math.isfinite(loss.item())
+    assert torch.isfinite(b.logprobs.grad).all() and b.logprobs.grad[0, 0] == 0.0
+
+
+def test_k3_clamps_like_verl_and_stays_finite():
+    from megatron_rence.objectives.kl import K3_CLAMP, LOG_RATIO_CLAMP, k3_per_token
+    assert (LOG_RATIO_CLAMP, K3_CLAMP) == (20.0, 10.0)
+    lp = torch.tensor([0.0, 0.0, 0.0, 0.0], requires_grad=True)
+    ref = torch.tensor([math.log(2.0), 2.0, 100.0, -30.0])
+    k3 = k3_per_token(lp, ref)
+    k3.sum().backward()
+    # d = ln2: 1 - ln2, gradient 1 - e^d = -1; d = 2: e^2 - 3 = 4.389 < 10, gradient 1 - e^2;
+    # d = 100 and d = -30: k3 clamped at 10 (exp(100) would be inf): constant, gradient 0
+    torch.testing.assert_close(k3, torch.tensor([1 - math.log(2.0), math.exp(2.0) - 3.0, 10.0, 10.0]))
+    torch.testing.assert_close(lp.grad, torch.tensor([-1.0, 1 - math.exp(2.0), 0.0, 0.0]))
+
+
+def test_grpo_kl_term_finite_when_reference_far_above_policy():
+    # ref - lp = 100 nats: the unclamped k3 is inf (exp(100) overflows float32) and the step would be skipped
+    b = batch([[0.0], [0.0]], [1, 1], ref=[[100.0], [0.0]])
+    loss, metrics = pg(kl_coef=0.1)(b, 2.0)
+    loss.backward()
+    assert loss.item() == pytest.approx(0.1 * 10.0 / 2, rel=1e-6)
+    assert metrics["objective/kl"] == pytest.approx(5.0)
+    assert torch.isfinite(b.logprobs.grad).all()

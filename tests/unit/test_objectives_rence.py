@@ -188,3 +188,14 @@ def test_constant_margin_reweights_groups_at_theta_old():
     # the ratio of the two groups' weights moves from (3/4)/(2/3) = 1.125 to about 1.055: not a global scale,
     # so Adam does not undo it (a margin with 0/1 rewards is constant, yet not without effect)
     assert (3 / 4) / (2 / 3) != pytest.approx((3 * e / (1 + 3 * e)) / (2 * e / (1 + 2 * e)), rel=1e-2)
+
+
+def test_kl_term_finite_when_reference_far_above_policy():
+    # ref - lp = 100 nats on seq 0's tokens: unclamped k3 = exp(100) - 101 = inf in float32 (a skipped step).
+    # Clamped as verl does: k3 = 10 per token, a constant (zero gradient); group KL = (10 + 0) / 2 = 5.
+    b = batch([[0.0, 0.0], [0.0, 0.0]], [1, 0], ref=[[100.0, 100.0], [0.0, 0.0]])
+    loss, metrics = rence(kl_coef=0.1)(b, 1.0)
+    loss.backward()
+    assert metrics["objective/kl"] == pytest.approx(5.0)
+    assert loss.item() == pytest.approx(LN2 + 0.1 * 5.0, rel=1e-6)
+    torch.testing.assert_close(b.logprobs.grad[0], torch.full((2,), -0.5))  # the NCE part only
