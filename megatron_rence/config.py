@@ -178,6 +178,11 @@ class ObjectiveConfig:
     # per-token loss is capped at dual_clip_c * |A|, so a token whose ratio grew past dual_clip_c gives no
     # gradient. None = off; must be > 1
     dual_clip_c: Optional[float] = None
+    # ReNCE: the policy the score's log-ratio is taken against. "old": pi_old, the policy that sampled the
+    # rollout (the paper's form). "current": the trainer's own log-probs at each optimizer step, detached, so
+    # every score is 0 at its update (as with one optimizer step per rollout) at any batch size: the
+    # one_step_per_rollout ablation changes only this
+    score_against: Literal["old", "current"] = "old"
 
 
 def max_positives_kept(t_easy: float, k: int) -> int:
@@ -390,7 +395,7 @@ def validate(cfg: Config, source: str = "<recipe>", where=None) -> None:
              f"{t.max_tokens_per_microbatch}")
     if t.max_tokens_per_microbatch and not t.packing:
         fail("train.max_tokens_per_microbatch", "token-budget microbatches need train.packing=true")
-    if t.global_batch_size % t.micro_batch_size:
+    if not t.max_tokens_per_microbatch and t.global_batch_size % t.micro_batch_size:
         fail("train.global_batch_size", f"{t.global_batch_size} is not divisible by "
              f"train.micro_batch_size={t.micro_batch_size}")
     sequences = r.prompts_per_step * r.num_samples
@@ -461,59 +466,8 @@ def check_world_size(cfg: Config, world_size: int, source: str = "<recipe>") -> 
     if world_size % model_parallel:
         raise ConfigError(f"{source}: parallel: tp*pp*cp={model_parallel} does not divide the world size {world_size}")
     dp = world_size // model_parallel
-    if t.global_batch_size % (t.micro_batch_size * dp):
-        raise ConfigError(f"{source}: train.global_batch_size: {t.global_batch_size} is not divisible by "
-                          f"train.micro_batch_size*dp={t.micro_batch_size}*{dp}")
+    by_count = t.micro_batch_size if not t.max_tokens_per_microbatch else 1  # a token budget packs by tokens
+    if t.global_batch_size % (by_count * dp):
+        what = f"train.micro_batch_size*dp={t.micro_batch_size}*{dp}" if by_count > 1 else f"dp={dp}"
+        raise ConfigError(f"{source}: train.global_batch_size: {t.global_batch_size} is not divisible by {what}")
     return dp
-
-
-# objective keys each objective reads (the others have no effect for it); name / positive_threshold / kl_* for all
-_OBJECTIVE_KEYS = {
-    "rence": {"beta", "margin_alpha", "reduce_positives", "length_normalize", "t_easy", "hard_negative_samples"},
-    "grpo": {"clip_eps_low", "clip_eps_high", "token_level_loss", "dynamic_sampling", "overlong_buffer",
-             "overlong_penalty", "normalize_std", "tis_cap", "dual_clip_c"},
-    "online_dpo": {"beta", "length_normalize", "max_pairs_per_group", "ref_update_every"},
-}
-_OBJECTIVE_KEYS["dapo"] = _OBJECTIVE_KEYS["grpo"]
-_COMMON_OBJECTIVE_KEYS = {"name", "positive_threshold", "kl_coef", "kl_target", "kl_window"}
-
-
-def ineffective_settings(cfg: Config) -> list[tuple[str, str]]:
-    """(dotted key, why) for each setting that cannot change training (recipe.load_recipe warns about them).
-
-    Only settings whose effect is provably nil are listed (docs/design.md, "Settings that cannot have an
-    effect", works each case out):
-    - an objective key that `objective.name` does not read, set away from its default;
-    - objective.kl_window without objective.kl_target (the coefficient is fixed);
-    - objective.t_easy below 1 that drops no group at K = rollout.num_samples: ReNCE trains only groups with
-      1..K-1 positives, whose positive fraction is at most (K-1)/K, so t_easy >= (K-1)/K drops none;
-    - objective.beta (ReNCE) with one optimizer step per rollout, old log-probs from the trainer, no KL term
-      and no gradient clipping: every score beta * (log pi - log pi_old) is 0 at the update, so beta only
-      multiplies the whole gradient, which Adam's normalisation undoes (up to optim.adam_eps).
-    """
-    o, r, t = cfg.objective, cfg.rollout, cfg.train
-    defaults = ObjectiveConfig()
-    out: list[tuple[str, str]] = []
-    reads = _OBJECTIVE_KEYS.get(o.name, set()) | _COMMON_OBJECTIVE_KEYS
-    for f in dataclasses.fields(ObjectiveConfig):
-        value = getattr(o, f.name)
-        if f.name not in reads and value != getattr(defaults, f.name):
-            out.append((f"objective.{f.name}", f"{value!r} has no effect with objective.name={o.name}"))
-    if o.kl_target is None and o.kl_window != defaults.kl_window:
-        out.append(("objective.kl_window", f"{o.kl_window} has no effect without objective.kl_target "
-                    f"(the KL coefficient stays objective.kl_coef={o.kl_coef})"))
-    if o.name != "rence":
-        return out
-    k = r.num_samples
-    if o.t_easy < 1.0 and max_positives_kept(o.t_easy, k) >= k - 1:
-        out.append(("objective.t_easy", f"{o.t_easy} drops no group at rollout.num_samples={k}: a group with "
-                    f"both positives and negatives has a positive fraction of at most {k - 1}/{k}, and groups "
-                    f"without negatives are dropped anyway (choose t_easy < {(k - 1) / k:.4g})"))
-    one_step = t.global_batch_size >= r.prompts_per_step * r.num_samples
-    has_kl = o.kl_coef > 0 or o.kl_target is not None
-    if (o.beta != defaults.beta and one_step and t.old_logprobs == "trainer" and not has_kl
-            and cfg.optim.clip_grad == 0):
-        out.append(("objective.beta", f"{o.beta} has no effect: with one optimizer step per rollout "
-                    f"(train.global_batch_size={t.global_batch_size}) every ReNCE score is 0 at the update, so "
-                    f"beta only scales the gradient, which Adam undoes (no KL term, optim.clip_grad=0)"))
-    return out

@@ -112,7 +112,8 @@ def _hints(cfg: Config, phase: str) -> list[str]:
             hints.append("parallel.recompute=full")
         if p.tp > 1 and not p.sequence_parallel:
             hints.append("parallel.sequence_parallel=true")
-        hints.append("a smaller train.micro_batch_size or train.max_seq_len")
+        hints.append("a smaller train.max_tokens_per_microbatch" if cfg.train.max_tokens_per_microbatch
+                     else "a smaller train.micro_batch_size or train.max_seq_len")
     elif phase == "rollout":
         hints.append("a smaller rollout.sglang.mem_fraction_static")
         if not cfg.train.offload_params:
@@ -137,7 +138,8 @@ def render(report: PlanReport, recipe: str) -> str:
         lines.append(f"layout    tp={p.tp} pp={p.pp} cp={p.cp} vpp={p.vpp or '-'} dp={lay.dp} "
                      f"sp={'on' if p.sequence_parallel else 'off'} recompute={p.recompute} "
                      f"dist-opt={'on' if p.distributed_optimizer else 'off'}; {lay.num_microbatches} microbatches x "
-                     f"{t.micro_batch_size} seqs, {mem.tokens_per_microbatch} tokens per microbatch per GPU")
+                     f"{'whole groups packed' if t.max_tokens_per_microbatch else f'{t.micro_batch_size} seqs'}, "
+                     f"{mem.tokens_per_microbatch} tokens per microbatch per GPU")
         e = mem.engine
         engine = f"engine    {e.kind} tp={e.tp}, {e.num_engines} engine(s), {e.sequences_per_engine} sequences each"
         if e.kind == "sglang" and e.kv_bytes > 0:

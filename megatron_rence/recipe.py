@@ -16,7 +16,8 @@ from typing import Any, Union
 
 import yaml
 
-from megatron_rence.config import Config, ConfigError, ConfigWarning, ineffective_settings, validate
+from megatron_rence.config import Config, ConfigError, ConfigWarning, validate
+from megatron_rence.ineffective import ineffective_settings
 
 _MAX_BASE_DEPTH = 16
 

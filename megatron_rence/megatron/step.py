@@ -331,7 +331,8 @@ class Trainer:
         n = len(sequences)
         if n == 0 or n % group_size:
             raise ValueError(f"train_step: {n} sequences are not whole groups of group_size={group_size}")
-        check_micro_batch_size(self.cfg.train.micro_batch_size, group_size)
+        if not (self.packing and self.cfg.train.max_tokens_per_microbatch):  # a token budget ignores it
+            check_micro_batch_size(self.cfg.train.micro_batch_size, group_size)
         if rewards.shape != (n,):
             raise ValueError(f"train_step: rewards must have shape [{n}], got {tuple(rewards.shape)}")
         if objective.needs_ref and ref_logprobs is None:

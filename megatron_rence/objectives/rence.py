@@ -75,8 +75,13 @@ class ReNCE(ObjectiveBase):
         return max(float(usable.sum().item()), 1.0)
 
     def scores(self, batch: ObjectiveBatch) -> torch.Tensor:
-        """[N] s_k = beta * sum_t (logprobs - old_logprobs) over response tokens (/ length if length_normalize)."""
-        s = batch.log_ratio().sum(dim=1)
+        """[N] s_k = beta * sum_t (logprobs - old_logprobs) over response tokens (/ length if length_normalize);
+        with objective.score_against=current the old log-probs are this step's own, detached (s_k = 0)."""
+        if self.cfg.score_against == "current":  # pi_old := this step's policy, detached: s = 0, same gradient
+            lp = batch.logprobs.float()
+            s = batch.masked(lp - lp.detach()).sum(dim=1)
+        else:
+            s = batch.log_ratio().sum(dim=1)
         if self.cfg.length_normalize:
             s = s / batch.lengths().clamp(min=1.0)
         return self.cfg.beta * s

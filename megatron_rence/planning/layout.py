@@ -35,7 +35,9 @@ def check_layout(cfg: Config, hw: Hardware, vocab_size: int, on_cpu: bool) -> La
         return out
     try:
         out.dp = check_world_size(cfg, hw.world_size, source="layout")
-        out.num_microbatches = t.global_batch_size // (t.micro_batch_size * out.dp)
+        # with a token budget, the most microbatches a step can take: one whole group each
+        per_mb = r.num_samples if t.max_tokens_per_microbatch else t.micro_batch_size
+        out.num_microbatches = t.global_batch_size // (per_mb * out.dp)
     except ConfigError as exc:
         err(str(exc))
     _check_model(cfg, vocab_size, err)
@@ -133,7 +135,8 @@ def sglang_block_shape_problems(hidden_size: int, num_heads: int, num_kv_heads: 
 
 def _check_batches(cfg: Config, warn) -> None:
     m, t, r, d = cfg.model, cfg.train, cfg.rollout, cfg.data
-    if cfg.objective.name in ("rence", "online_dpo") and t.micro_batch_size % r.num_samples:
+    if (cfg.objective.name in ("rence", "online_dpo") and not t.max_tokens_per_microbatch
+            and t.micro_batch_size % r.num_samples):
         warn(f"train.micro_batch_size={t.micro_batch_size} is not a multiple of rollout.num_samples="
              f"{r.num_samples}: {cfg.objective.name} contrasts the samples of a group, which then span microbatches")
     if d.max_prompt_len + r.max_new_tokens > t.max_seq_len:

@@ -210,7 +210,8 @@ def memory_plan(cfg: Config, hw: Hardware, vocab_size: int, dp: int, num_microba
     params = model_params(m, vocab_size)
     padded = padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by, p.tp)
     dtype_bytes = 4 if on_cpu else _DTYPE_BYTES[m.dtype]
-    tokens = t.micro_batch_size * padded_seq_len(cfg) // p.cp
+    # a token budget bounds a packed microbatch (train.micro_batch_size then sets nothing); else the padded worst case
+    tokens = (t.max_tokens_per_microbatch or t.micro_batch_size * padded_seq_len(cfg)) // p.cp
     layer = layer_activation(m, p.tp, p.sequence_parallel, padded_seq_len(cfg), act_bytes=dtype_bytes,
                              flash=hw.flash_attention and not on_cpu)
     engine = engine_info(cfg, hw, params, on_cpu)

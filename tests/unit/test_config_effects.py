@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_rence.config import Config, ConfigError, ConfigWarning, ineffective_settings, to_dict
+from megatron_rence.config import Config, ConfigError, ConfigWarning, to_dict
+from megatron_rence.ineffective import ineffective_settings
 from megatron_rence.objectives.groups import contrastive_groups, too_easy
 from megatron_rence.recipe import load_recipe
 
@@ -92,6 +93,71 @@ def test_beta_warning_only_where_beta_only_scales_the_gradient():
         assert keys(other) == [], change
 
 
+def test_beta_warning_respects_the_optimizer():
+    # optim.optimizer=adam adds weight decay to the gradient (L2): beta then sets the balance between the loss and
+    # the decay, so it has an effect; AdamW's decoupled decay, or no decay, leaves beta a pure gradient scale
+    for optimizer, weight_decay, warned in (("adam", 0.01, False), ("adam", 0.0, True), ("adamw", 0.01, True)):
+        cfg = rence(beta=0.5)
+        cfg.optim.clip_grad, cfg.optim.optimizer, cfg.optim.weight_decay = 0.0, optimizer, weight_decay
+        assert ("objective.beta" in keys(cfg)) == warned, (optimizer, weight_decay)
+    why = dict(ineffective_settings(cfg))["objective.beta"]
+    assert "optim.adam_eps=1e-08" in why and "almost no effect" in why  # not "provably nil": eps breaks scale
+
+
+def test_score_against_current_counts_as_one_step_per_rollout():
+    cfg = rence(beta=0.5, score_against="current")
+    cfg.optim.clip_grad, cfg.train.global_batch_size = 0.0, 64  # 4 optimizer steps per rollout
+    assert keys(cfg) == ["objective.beta"]
+    cfg.objective.score_against = "old"
+    assert keys(cfg) == []
+    cfg.objective.name, cfg.objective.score_against = "grpo", "current"
+    assert keys(cfg) == ["objective.beta", "objective.score_against"]
+
+
+def test_settings_without_effect_for_the_baselines_and_at_k2():
+    cfg = rence(positive_threshold=0.7, overlong_penalty=2.0)
+    cfg.objective.name = "grpo"  # positive_threshold: metrics only; the penalty without a buffer: shaping is off
+    assert keys(cfg) == ["objective.positive_threshold", "objective.overlong_penalty"]
+    cfg.objective.overlong_buffer = 16
+    assert keys(cfg) == ["objective.positive_threshold"]
+    cfg.objective.name = "online_dpo"  # splits pairs by the threshold: an effect
+    assert "objective.positive_threshold" not in keys(cfg)
+    dpo = rence(2, max_pairs_per_group=3)
+    dpo.objective.name = "online_dpo"
+    assert keys(dpo) == ["objective.max_pairs_per_group"]  # K=2: at most one pair per group
+    dpo.rollout.num_samples, dpo.rollout.prompts_per_step = 4, 64
+    assert keys(dpo) == []
+    assert keys(rence(2, reduce_positives="sum")) == ["objective.reduce_positives"]  # one positive per group
+    assert keys(rence(4, reduce_positives="sum")) == []
+    margin = rence(2, margin_alpha=1.0)
+    assert keys(margin) == []  # clip_grad 1.0 (the default): the margin's scale changes the clipped step
+    margin.optim.clip_grad = 0.0
+    assert keys(margin) == ["objective.margin_alpha"]  # K=2: one negative per group, every group weighs the same
+    margin.rollout.num_samples, margin.rollout.prompts_per_step = 4, 64
+    assert keys(margin) == []
+
+
+def test_microbatch_size_has_no_effect_under_a_token_budget():
+    cfg = rence()
+    cfg.train.micro_batch_size, cfg.train.max_tokens_per_microbatch = 8, 4096
+    assert keys(cfg) == ["train.micro_batch_size"]
+    cfg.train.logprobs_micro_batch_size = 16
+    assert keys(cfg) == ["train.micro_batch_size", "train.logprobs_micro_batch_size"]
+    cfg.train.max_tokens_per_microbatch = 0
+    assert keys(cfg) == []
+
+
+def test_shipped_recipes_load_without_warnings():
+    import warnings
+
+    for path in sorted((REPO / "recipes").glob("*.yaml")) + sorted((REPO / "recipes/ablations").glob("*.yaml")):
+        if path.name == "base.yaml":
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ConfigWarning)
+            load_recipe(path)
+
+
 def test_warnings_are_emitted_at_load_naming_the_key():
     with pytest.warns(ConfigWarning, match=r"qwen3_4b_paper\.yaml: objective\.margin_alpha: 1\.0 has no effect "
                                            r"with objective\.name=grpo"):
@@ -132,7 +198,7 @@ def test_paper_recipe_runs_every_component_and_each_ablation_switches_one_off():
         "fixed_kl": {"objective.kl_target": None},
         "no_easy_filter": {"objective.t_easy": 1.0},
         "no_hard_negatives": {"objective.hard_negative_samples": 0},
-        "one_step_per_rollout": {"train.global_batch_size": 512},
+        "one_step_per_rollout": {"objective.score_against": "current"},  # same batch and step count
     }
     shipped = sorted(p.stem for p in (REPO / "recipes/ablations").glob("*.yaml"))
     assert shipped == sorted(expected)

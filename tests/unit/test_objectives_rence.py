@@ -199,3 +199,19 @@ def test_kl_term_finite_when_reference_far_above_policy():
     assert metrics["objective/kl"] == pytest.approx(5.0)
     assert loss.item() == pytest.approx(LN2 + 0.1 * 5.0, rel=1e-6)
     torch.testing.assert_close(b.logprobs.grad[0], torch.full((2,), -0.5))  # the NCE part only
+
+
+def test_score_against_current_is_the_first_step_of_a_rollout_at_any_theta():
+    # log-ratios [ln2, 0, ln3] (theta moved away from theta_old). score_against=current: every score is 0, so the
+    # loss is -log(1 / (1 + 2)) = ln 3 and the gradient is the theta = theta_old one, beta * (-|N|/(1+|N|)) = -2/3
+    # for the positive and beta * (1/(1+|N|)) = 1/3 for each negative (one positive, |N| = 2; beta = 2 here)
+    b = batch([LN2, 0.0, LN3], [1, 0, 0])
+    loss, metrics = rence(score_against="current", beta=2.0)(b, 1.0)
+    loss.backward()
+    assert loss.item() == pytest.approx(LN3, rel=1e-6)
+    assert metrics["objective/score_gap"] == 0.0
+    torch.testing.assert_close(b.logprobs.grad, torch.tensor([[-4 / 3], [2 / 3], [2 / 3]]))
+    b_old = batch([0.0, 0.0, 0.0], [1, 0, 0])  # the default at theta = theta_old gives the same loss and gradient
+    loss_old, _ = rence(beta=2.0)(b_old, 1.0)
+    loss_old.backward()
+    torch.testing.assert_close(b.logprobs.grad, b_old.logprobs.grad)

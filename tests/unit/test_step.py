@@ -93,7 +93,7 @@ def test_packed_token_budget_gives_the_whole_batch_gradient(pstate, packed, budg
     objective = get_objective(cfg.objective)
     normalizer = objective.normalizer_for(rewards.reshape(-1, K), [len(v) for v in old])
     want_loss, want = reference_grads(cfg, base, seqs, rewards, old, ref, objective, normalizer)
-    cfg = make_cfg(K)
+    cfg = make_cfg(K + 1 if budget else K)  # a token budget ignores micro_batch_size (not even a multiple of K)
     cfg.train.packing, cfg.train.max_tokens_per_microbatch = packed, budget
     t = trainer(cfg, pstate, source=base)
     for a, b in zip(t.logprobs(seqs, 0.9), want_lp):
