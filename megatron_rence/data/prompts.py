@@ -97,14 +97,19 @@ class PromptDataset:
         if not self.cfg.train_path:
             raise ValueError("data.train_path: data.source=file needs a jsonl or parquet file")
         raw = []
-        for path in [self.cfg.train_path, *self.cfg.extra_train_paths]:
+        for key, path in [("data.train_path", self.cfg.train_path),
+                          *((f"data.extra_train_paths[{i}]", p) for i, p in enumerate(self.cfg.extra_train_paths))]:
+            seen, skipped = 0, self.num_malformed + self.num_oversized
             for location, record in read_records(path, self._on_malformed, self.cfg.max_record_bytes,
                                                  self._on_oversized):
+                seen += 1
                 try:
                     problem, answer = problem_and_answer(record, self.cfg.problem_key, self.cfg.answer_key)
                     raw.append((_record_id(record, self.cfg.id_key, location), problem, answer))
                 except MalformedRecord as exc:
                     self._on_malformed(location, str(exc))
+            if not seen and skipped == self.num_malformed + self.num_oversized:  # nothing skipped either
+                raise ValueError(f"{path}: no records ({key}): the file is empty")
         return raw
 
     def _on_malformed(self, location: str, message: str) -> None:
