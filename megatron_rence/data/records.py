@@ -57,9 +57,10 @@ def read_records(path: str | Path, on_malformed: OnMalformed = raise_malformed, 
 
 
 def record_bytes(record: dict) -> int:
-    """The size of `record` written as one jsonl line (UTF-8; lone surrogates count as their 3 bytes)."""
+    """The bytes of `record` written as one jsonl line, newline excluded (UTF-8; a lone surrogate counts 3),
+    the measure a jsonl line is held to."""
     text = json.dumps(record, ensure_ascii=False, default=str)
-    return len(text.encode("utf-8", "surrogatepass")) + 1
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 def _lines(f, max_line_bytes: Optional[int]) -> Iterator[tuple[bytes, int]]:
