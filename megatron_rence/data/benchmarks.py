@@ -122,3 +122,16 @@ def benchmark_name(bench_cfg) -> str:
     if not bench_cfg.name and bench_cfg.format == "synthetic":
         return "heldout"
     return bench_cfg.name or Path(bench_cfg.path).stem
+
+
+def check_benchmarks(eval_cfg, synthetic_cfg) -> None:
+    """Load each `eval.benchmarks` entry once, so that a missing file, an unusable record or a held-out split
+    larger than the task space is a ValueError naming the entry before any training (--dry-run, run setup)
+    rather than at the first evaluation. Nothing to check when the run never evaluates."""
+    if not eval_cfg.benchmarks or not (eval_cfg.every or eval_cfg.at_start):
+        return
+    for i, bench in enumerate(eval_cfg.benchmarks):
+        try:
+            load_benchmark(bench, synthetic_cfg)
+        except (ValueError, FileNotFoundError) as exc:
+            raise ValueError(f"eval.benchmarks[{i}] ({benchmark_name(bench)}): {exc}") from None
