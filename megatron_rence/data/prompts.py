@@ -9,10 +9,12 @@ File layouts recognised per record (first match wins):
      instruction text included) + `reward_model.ground_truth`.
 `data.extra_train_paths` are read after `data.train_path` into one dataset (layouts may differ per record).
 Ids come from `data.id_key`, else an `id` / `unique_id` field, else "file:line". Answers may be strings or
-numbers; anything else, a missing field, bad JSON or a non-string problem is a ValueError naming the file
-and line, or, with `data.skip_malformed`, skipped and counted; so is a line that is not valid UTF-8. Prompts
-longer than `data.max_prompt_len` tokens are dropped and counted, and so are jsonl lines longer than
-`data.max_record_bytes` (skipped while reading, never held whole in memory): `metrics()`, `summary()`.
+finite numbers; anything else (NaN, inf, an empty string), a missing field, bad JSON, a non-string problem or
+a lone surrogate is a ValueError naming the file and line, or, with `data.skip_malformed`, skipped and
+counted; so is a line that is not valid UTF-8. A file without any record is a ValueError naming it. Prompts
+longer than `data.max_prompt_len` tokens are dropped and counted, and so are records larger than
+`data.max_record_bytes` (jsonl lines skipped while reading, never held whole in memory; json items and
+parquet rows measured as one jsonl line), before tokenizing: `metrics()`, `summary()`.
 """
 from __future__ import annotations
 
