@@ -340,7 +340,9 @@ _NONNEG = Range(0)
 _UNIT = Range(0, 1, lo_open=True)  # (0, 1]: top_p
 MAX_REWARD_WORKERS = 256  # grading processes per engine owner: more would exhaust a node's processes / memory
 MAX_THREADS = 1024
-MAX_RECORD_BYTES = 1 << 30  # one record read whole into memory (and tokenized)
+# a record under the cap is tokenized in full before data.max_prompt_len can drop it, at about 500x its size
+# in memory (issue 28: a 5 MB record cost 2.4 GB); no prompt that fits a context is anywhere near 16 MiB
+MAX_RECORD_BYTES = 16 << 20
 
 # The range of every int / float key (tests/unit/test_config.py checks that none is missing); every float
 # must also be finite. Relations between keys are checked in `check_relations` and `validate`.
