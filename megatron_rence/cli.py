@@ -37,11 +37,19 @@ def set_cpu_threads(num_threads: int) -> int:
 
 
 def handle_info_flags(args: argparse.Namespace, cfg: Config) -> bool:
-    """Handle --print-config / --dry-run; True when the caller should exit."""
+    """Handle --print-config / --dry-run (which also loads the benchmarks evaluation will read); True when the
+    caller should exit."""
     if args.print_config:
         sys.stdout.write(dump_yaml(cfg))
         return True
     if args.dry_run:
+        from megatron_rence.data.benchmarks import check_benchmarks
+
+        try:
+            check_benchmarks(cfg.eval, cfg.data.synthetic)  # the files evaluation will read exist and parse
+        except ValueError as exc:
+            print(f"error: {args.recipe}: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
         print(f"recipe {args.recipe} is valid ({cfg.objective.name}, {cfg.model.arch}, "
               f"tp={cfg.parallel.tp} pp={cfg.parallel.pp} cp={cfg.parallel.cp})")
         return True

@@ -9,7 +9,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Literal, Optional
+from typing import Literal, NamedTuple, Optional
 
 
 class ConfigError(ValueError):
@@ -17,7 +17,7 @@ class ConfigError(ValueError):
 
 
 class ConfigWarning(UserWarning):
-    """A recipe setting that cannot have an effect (config.ineffective_settings); the message names the key."""
+    """A recipe setting that cannot have an effect (ineffective.ineffective_settings); the message names the key."""
 
 
 @dataclass
@@ -102,8 +102,9 @@ class DataConfig:
     shuffle: bool = True
     seed: int = 1234
     skip_malformed: bool = False
-    # jsonl lines longer than this many bytes are skipped without being read whole and counted
-    # (data/num_dropped_oversized); a prompt that long could never fit data.max_prompt_len anyway
+    # records larger than this many bytes (a jsonl line; a json item or parquet row as one jsonl line) are
+    # skipped before tokenizing and counted (data/num_dropped_oversized); jsonl lines are never read whole.
+    # A prompt that long could never fit data.max_prompt_len anyway
     max_record_bytes: int = 1 << 20
     synthetic: SyntheticTaskConfig = field(default_factory=SyntheticTaskConfig)
 
@@ -327,23 +328,76 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-# every count / size has a minimum and every timeout / interval must be > 0 (None = unset is allowed)
-_MINIMUMS = {
-    "model.num_layers": 1, "model.hidden_size": 1, "model.ffn_hidden_size": 1, "model.num_attention_heads": 1,
-    "model.num_query_groups": 1, "model.kv_channels": 1, "model.vocab_size": 0, "model.max_position_embeddings": 1,
-    "model.make_vocab_size_divisible_by": 1, "parallel.tp": 1, "parallel.pp": 1, "parallel.cp": 1,
-    "parallel.vpp": 1, "parallel.recompute_num_layers": 1, "data.max_prompt_len": 1, "data.max_record_bytes": 1,
-    "data.synthetic.num_problems": 1, "rollout.prompts_per_step": 1, "rollout.num_samples": 1,
-    "rollout.max_new_tokens": 1, "rollout.top_k": -1, "rollout.sglang.tp": 1, "rollout.sglang.max_restarts": 0,
-    "rollout.sglang.base_port": 1, "objective.kl_window": 1, "objective.overlong_buffer": 0,
-    "objective.max_pairs_per_group": 0, "objective.ref_update_every": 0, "reward.num_workers": 0,
-    "optim.lr_warmup_steps": 0, "optim.lr_decay_steps": 1, "train.num_steps": 1, "train.global_batch_size": 1,
-    "train.micro_batch_size": 1, "train.max_seq_len": 2, "train.logprobs_micro_batch_size": 0,
-    "train.max_nonfinite_steps": 1, "weights.bucket_bytes": 1, "checkpoint.every": 0, "checkpoint.keep_last": 0,
-    "eval.every": 0, "eval.num_samples": 1, "eval.max_new_tokens": 1, "eval.prompts_per_batch": 1,
+class Range(NamedTuple):
+    """The allowed values of one numeric key: `lo` / `hi` (None = unbounded), each bound included unless open."""
+
+    lo: Optional[float] = None
+    hi: Optional[float] = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def violation(self, value: float) -> Optional[str]:
+        """Why `value` is outside the range ("must be ... , got ..."), or None when it is inside."""
+        if not math.isfinite(value):
+            return f"must be a finite number, got {value}"
+        if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
+            return f"must be {'>' if self.lo_open else '>='} {self.lo}, got {value}"
+        if self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi):
+            return f"must be {'<' if self.hi_open else '<='} {self.hi}, got {value}"
+        return None
+
+
+def _at_least(lo: float) -> Range:
+    return Range(lo)
+
+
+_POS = Range(0, lo_open=True)  # > 0 (timeouts, intervals, scales)
+_NONNEG = Range(0)
+_UNIT = Range(0, 1, lo_open=True)  # (0, 1]: top_p
+MAX_REWARD_WORKERS = 256  # grading processes per engine owner: more would exhaust a node's processes / memory
+MAX_THREADS = 1024
+# a record under the cap is tokenized in full before data.max_prompt_len can drop it, at about 500x its size
+# in memory (issue 28: a 5 MB record cost 2.4 GB); no prompt that fits a context is anywhere near 16 MiB
+MAX_RECORD_BYTES = 16 << 20
+
+# The range of every int / float key (tests/unit/test_config.py checks that none is missing); every float
+# must also be finite. Relations between keys are checked in `check_relations` and `validate`.
+RANGES: dict[str, Range] = {
+    "model.num_layers": _at_least(1), "model.hidden_size": _at_least(1), "model.ffn_hidden_size": _at_least(1),
+    "model.num_attention_heads": _at_least(1), "model.num_query_groups": _at_least(1),
+    "model.kv_channels": _at_least(1), "model.vocab_size": _NONNEG, "model.max_position_embeddings": _at_least(1),
+    "model.rotary_base": _POS, "model.rope_scaling_factor": _POS, "model.norm_epsilon": _POS,
+    "model.make_vocab_size_divisible_by": _at_least(1), "model.init_method_std": _POS,
+    "parallel.tp": _at_least(1), "parallel.pp": _at_least(1), "parallel.cp": _at_least(1), "parallel.vpp": _at_least(1),
+    "parallel.recompute_num_layers": _at_least(1),
+    "data.synthetic.num_terms": _at_least(2), "data.synthetic.min_value": _NONNEG,
+    "data.synthetic.max_value": _NONNEG, "data.synthetic.num_problems": _at_least(1), "data.synthetic.seed": _NONNEG,
+    "data.synthetic.num_heldout": _NONNEG,
+    "data.max_prompt_len": _at_least(1), "data.seed": _NONNEG, "data.max_record_bytes": Range(1, MAX_RECORD_BYTES),
+    "rollout.sglang.tp": _at_least(1), "rollout.sglang.mem_fraction_static": Range(0, 1, lo_open=True, hi_open=True),
+    "rollout.sglang.base_port": Range(1024, 65000), "rollout.sglang.max_restarts": _NONNEG,
+    "rollout.sglang.health_poll_s": _POS, "rollout.sglang.request_timeout_s": _POS,
+    "rollout.prompts_per_step": _at_least(1), "rollout.num_samples": _at_least(1), "rollout.temperature": _POS,
+    "rollout.top_p": _UNIT, "rollout.top_k": _at_least(-1), "rollout.max_new_tokens": _at_least(1),
+    "objective.positive_threshold": Range(), "objective.beta": _POS, "objective.margin_alpha": _NONNEG,
+    "objective.t_easy": Range(0, 1), "objective.kl_coef": _NONNEG, "objective.kl_target": _NONNEG,
+    "objective.kl_window": _at_least(1), "objective.clip_eps_low": _NONNEG, "objective.clip_eps_high": _NONNEG,
+    "objective.overlong_buffer": _NONNEG, "objective.overlong_penalty": _NONNEG, "objective.tis_cap": _POS,
+    "objective.max_pairs_per_group": _NONNEG, "objective.ref_update_every": _NONNEG,
+    "objective.hard_negative_samples": _NONNEG, "objective.dual_clip_c": Range(1, lo_open=True),
+    "reward.num_workers": Range(0, MAX_REWARD_WORKERS), "reward.timeout_s": _POS,
+    "reward.correct": Range(), "reward.incorrect": Range(),
+    "optim.lr": _NONNEG, "optim.min_lr": _NONNEG, "optim.lr_warmup_steps": _NONNEG, "optim.weight_decay": _NONNEG,
+    "optim.adam_beta1": Range(0, 1, hi_open=True), "optim.adam_beta2": Range(0, 1, hi_open=True),
+    "optim.adam_eps": _POS, "optim.clip_grad": _NONNEG, "optim.lr_decay_steps": _at_least(1),
+    "train.num_steps": _at_least(1), "train.global_batch_size": _at_least(1), "train.micro_batch_size": _at_least(1),
+    "train.max_seq_len": _at_least(2), "train.seed": _NONNEG, "train.logprobs_micro_batch_size": _NONNEG,
+    "train.max_nonfinite_steps": _at_least(1), "train.num_threads": Range(0, MAX_THREADS),
+    "train.max_minutes": _NONNEG, "train.max_tokens_per_microbatch": _NONNEG,
+    "weights.bucket_bytes": _at_least(1), "checkpoint.every": _NONNEG, "checkpoint.keep_last": _NONNEG,
+    "eval.every": _NONNEG, "eval.num_samples": _at_least(1), "eval.temperature": _NONNEG, "eval.top_p": _UNIT,
+    "eval.max_new_tokens": _at_least(1), "eval.prompts_per_batch": _at_least(1), "eval.seed": _NONNEG,
 }
-_POSITIVE = ["reward.timeout_s", "rollout.sglang.health_poll_s", "rollout.sglang.request_timeout_s",
-             "rollout.sglang.mem_fraction_static", "model.norm_epsilon", "model.rotary_base"]
 
 
 def _get_dotted(cfg, key: str):
@@ -353,15 +407,41 @@ def _get_dotted(cfg, key: str):
 
 
 def check_ranges(cfg: Config, fail) -> None:
-    """`fail(key, message)` for every count below its minimum (_MINIMUMS) and every timeout <= 0 (_POSITIVE)."""
-    for key, minimum in _MINIMUMS.items():
+    """`fail(key, message)` for the first numeric value outside its RANGES entry (NaN / inf included)."""
+    for key, allowed in RANGES.items():
         value = _get_dotted(cfg, key)
-        if value is not None and value < minimum:
-            fail(key, f"must be >= {minimum}, got {value}")
-    for key in _POSITIVE:
-        value = _get_dotted(cfg, key)
-        if value is not None and not value > 0:
-            fail(key, f"must be > 0, got {value}")
+        why = None if value is None else allowed.violation(value)
+        if why is not None:
+            fail(key, why)
+    check_relations(cfg, fail)
+
+
+def check_relations(cfg: Config, fail) -> None:
+    """Numeric keys that bound each other: rewards and the positive threshold, the context length."""
+    r, o, m = cfg.reward, cfg.objective, cfg.model
+    if not r.incorrect < r.correct:
+        fail("reward.correct", f"must be above reward.incorrect={r.incorrect}, got {r.correct}")
+    if not r.incorrect < o.positive_threshold <= r.correct:
+        fail("objective.positive_threshold", f"must lie in (reward.incorrect, reward.correct] = ({r.incorrect}, "
+             f"{r.correct}] or no answer (or every answer) counts as a positive, got {o.positive_threshold}")
+    if cfg.optim.min_lr > cfg.optim.lr:
+        fail("optim.min_lr", f"must be <= optim.lr={cfg.optim.lr}, got {cfg.optim.min_lr}")
+    syn = cfg.data.synthetic
+    if syn.max_value < syn.min_value:
+        fail("data.synthetic.max_value", f"must be >= data.synthetic.min_value={syn.min_value}, got {syn.max_value}")
+    if m.hf_path is None:  # else recipe.fill_model_from_hf checks it once config.json has given the context
+        check_context(cfg, fail)
+
+
+def check_context(cfg: Config, fail) -> None:
+    """train.max_seq_len (prompt + response) and eval's responses fit the model's position embeddings."""
+    limit = cfg.model.max_position_embeddings
+    if cfg.train.max_seq_len > limit:
+        fail("train.max_seq_len", f"{cfg.train.max_seq_len} exceeds model.max_position_embeddings={limit}")
+    e = cfg.eval
+    if e.benchmarks and (e.every or e.at_start) and e.max_new_tokens >= limit:
+        fail("eval.max_new_tokens", f"{cfg.eval.max_new_tokens} leaves no room for a prompt in "
+             f"model.max_position_embeddings={limit}")
 
 
 def validate(cfg: Config, source: str = "<recipe>", where=None) -> None:

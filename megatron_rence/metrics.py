@@ -65,10 +65,7 @@ class MetricsLogger:
                 raise OSError(exc.errno, f"{self.jsonl_path}: writing the metrics of step {step} failed: "
                               f"{os.strerror(exc.errno).lower() if exc.errno else exc}") from exc
         if self._tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self._tb.add_scalar(key, value, step)
-            self._tb.flush()
+            self._log_tensorboard(step, record)
         if self._wandb is not None:
             self._wandb.log(record, step=step)
         postfix = {short: f"{record[key]:.3g}" for key, short in _BAR_KEYS if isinstance(record.get(key), float)}
@@ -78,6 +75,18 @@ class MetricsLogger:
             self._bar.set_postfix(postfix, refresh=False)
             self._bar.update(1)
             self._bar.write(format_line(record))
+
+    def _log_tensorboard(self, step: int, record: dict[str, Any]) -> None:
+        try:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self._tb.add_scalar(key, value, step)
+            self._tb.flush()
+        except OSError as exc:  # raised by TensorBoard's writer thread (a full disk): names no file by itself
+            self._tb = None  # the writer is dead; close() must not raise it again
+            reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+            raise OSError(exc.errno, f"{self.run_dir / 'tensorboard'}: writing the TensorBoard events of step {step} "
+                          f"failed: {reason} (logging.tensorboard=false turns them off)") from exc
 
     def close(self) -> None:
         self._bar.close()

@@ -16,7 +16,7 @@ from typing import Any, Union
 
 import yaml
 
-from megatron_rence.config import Config, ConfigError, ConfigWarning, validate
+from megatron_rence.config import Config, ConfigError, ConfigWarning, check_context, validate
 from megatron_rence.ineffective import ineffective_settings
 
 _MAX_BASE_DEPTH = 16
@@ -71,6 +71,11 @@ def fill_model_from_hf(cfg: Config, raw_model: dict, sources: dict[str, str], de
                               f"(remove the key to take config.json's value)")
         setattr(m, name, value)
 
+    def fail(key: str, msg: str) -> None:
+        raise ConfigError(f"{_where(key, sources, default_source)}: {key}: {msg}")
+
+    check_context(cfg, fail)  # against the context config.json gives (validate skips it with hf_path)
+
 
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, float) or isinstance(b, float):
@@ -92,11 +97,39 @@ def save_resolved(cfg: Config, run_dir: str | os.PathLike) -> Path:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key given twice in one mapping is an error naming both lines (PyYAML
+    itself keeps the last one silently: a second `train:` section would drop the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<:` merges are PyYAML's own business
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:
+                    continue  # an unhashable key: construct_mapping reports it
+                line = key_node.start_mark.line + 1
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} at line {line} (first at line {first}): a recipe "
+                        f"gives each key and section once", key_node.start_mark)
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"recipe not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.constructor.ConstructorError as exc:
+        if exc.problem and exc.problem.startswith("duplicate key"):
+            raise ConfigError(f"{path}:{exc.problem_mark.line + 1}: {exc.problem}") from None
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from None
     if data is None:

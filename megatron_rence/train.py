@@ -62,6 +62,7 @@ class StopFlag:
 
 
 def setup(cfg: Config, resume: bool) -> Run:
+    from megatron_rence.data.benchmarks import check_benchmarks
     from megatron_rence.data.prompts import PromptDataset
     from megatron_rence.data.tokenizer import load_tokenizer
     from megatron_rence.megatron import checkpoint, parallel
@@ -85,6 +86,9 @@ def setup(cfg: Config, resume: bool) -> Run:
     if len(tokenizer) > vocab_size:
         raise ConfigError(f"model.vocab_size={vocab_size} is smaller than the tokenizer ({cfg.model.tokenizer}: "
                           f"{len(tokenizer)} tokens)")
+    # the inputs first: a bad data or benchmark file fails before any model is built, not at the first eval
+    dataset = PromptDataset(cfg.data, tokenizer)
+    check_benchmarks(cfg.eval, cfg.data.synthetic)
     # the engine starts before the trainer allocates: SGLang sizes its pool as mem_fraction_static of the GPU
     # memory free at its start (planning/memory.py assumes the same), then rests until the first sync
     engine_index, num_engines = engine_layout(cfg, pstate.rank, pstate.world_size)
@@ -101,7 +105,6 @@ def setup(cfg: Config, resume: bool) -> Run:
     if objective.needs_ref:
         ref_trainer = Trainer(cfg, build_model(cfg.model, cfg.parallel, vocab_size), pstate, vocab_size,
                               frozen=True, pad_id=tokenizer.pad_token_id)
-    dataset = PromptDataset(cfg.data, tokenizer)
     if pstate.rank == 0:
         print(dataset.summary(), flush=True)
     ckpt_dir = Path(cfg.checkpoint.dir or Path(cfg.train.run_dir) / "checkpoints")
@@ -274,11 +277,17 @@ def _train_loop(cfg: Config, resume: bool) -> list[dict]:
             evaluate_at_start(run)
         for step in range(run.start_step + 1, cfg.train.num_steps + 1):
             metrics = train_step(run, step)
-            metrics.update(maybe_evaluate(run, step))
-            metrics.update(run.dataset.metrics())
-            health.observe(step, metrics)
-            if run.logger is not None:
-                run.logger.log(step, metrics)
+            failure = None
+            try:  # the step's update is done: a failure from here on is checkpointed before it is raised
+                metrics.update(maybe_evaluate(run, step))
+                metrics.update(run.dataset.metrics())
+                health.observe(step, metrics)
+                if run.logger is not None:
+                    run.logger.log(step, metrics)
+            except Exception as exc:
+                failure = exc
+            if run.trainer.any_rank(failure is not None):  # every rank saves, or none
+                save_after_failure(run, step, failure)
             history.append({"step": step, **metrics})
             health.stop_if_diverged()
             over_budget = deadline is not None and time.monotonic() >= deadline  # train.max_minutes
@@ -293,6 +302,26 @@ def _train_loop(cfg: Config, resume: bool) -> list[dict]:
     finally:
         close(run)
     return history
+
+
+def save_after_failure(run: Run, step: int, failure: Optional[BaseException]) -> None:
+    """Step `step` failed after its optimizer update (evaluation, metrics) on some rank: write an emergency
+    checkpoint of it, so that no completed step is lost, then raise (`failure`, or why this rank stops)."""
+    if failure is not None:
+        print(f"error: step {step} failed after its optimizer update ({type(failure).__name__}: {failure}); "
+              f"writing a checkpoint of step {step}", file=sys.stderr, flush=True)
+    try:
+        save(run, step)
+    except Exception as exc:
+        print(f"error: the emergency checkpoint of step {step} failed too ({type(exc).__name__}: {exc})",
+              file=sys.stderr, flush=True)
+    else:
+        if run.pstate.rank == 0:
+            print(f"checkpoint written at step {step}: --resume continues from step {step + 1} (the evaluation "
+                  f"and metrics of step {step} that failed are not redone)", flush=True)
+    if failure is not None:
+        raise failure
+    raise RuntimeError(f"step {step}: another rank failed after the optimizer update (see its error)")
 
 
 def close(run: Run) -> None:
@@ -320,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     except (RunDirError, NonFiniteTraining, FloatingPointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, RunDirError) else 1
+    except (ValueError, OSError) as exc:  # bad input (a data / benchmark file, a key), a full disk: the message
+        print(f"error: {exc}", file=sys.stderr)  # names the file, line or key
+        return 1
     if history and os.environ.get("RANK", "0") == "0":
         print(summary(cfg, history))
     return 0

@@ -17,8 +17,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from megatron_rence.data.records import (MalformedRecord, answer_text, boxed_answer, gsm8k_final_answer,
-                                         raise_malformed, read_records)
+from megatron_rence.data.records import (MalformedRecord, answer_text, boxed_answer, check_unicode,
+                                         gsm8k_final_answer, raise_malformed, read_records)
 
 FORMATS = ("aime", "amc", "math500", "minerva", "olympiadbench", "gsm8k")
 _PROBLEM_KEYS = ("problem", "Problem", "question", "Question")
@@ -57,7 +57,7 @@ def _olympiad_answer(record: dict) -> str:
         final = [final]
     if not isinstance(final, list) or not final or not all(isinstance(a, str) for a in final):
         raise MalformedRecord(f"field 'final_answer' must be a non-empty list of strings, got {final!r}")
-    return ", ".join(a.strip().strip("$").strip() for a in final)
+    return answer_text(", ".join(a.strip().strip("$").strip() for a in final), "final_answer")
 
 
 def normalize_record(record: dict, fmt: str) -> tuple[Optional[str], str, str]:
@@ -65,6 +65,7 @@ def normalize_record(record: dict, fmt: str) -> tuple[Optional[str], str, str]:
     key, problem = _first(record, _PROBLEM_KEYS, "problem")
     if not isinstance(problem, str):
         raise MalformedRecord(f"field {key!r} must be a string, got {type(problem).__name__}")
+    check_unicode(problem, key)
     if fmt == "olympiadbench":
         answer = _olympiad_answer(record)
     elif fmt == "minerva" and "answer" not in record:
@@ -121,3 +122,16 @@ def benchmark_name(bench_cfg) -> str:
     if not bench_cfg.name and bench_cfg.format == "synthetic":
         return "heldout"
     return bench_cfg.name or Path(bench_cfg.path).stem
+
+
+def check_benchmarks(eval_cfg, synthetic_cfg) -> None:
+    """Load each `eval.benchmarks` entry once, so that a missing file, an unusable record or a held-out split
+    larger than the task space is a ValueError naming the entry before any training (--dry-run, run setup)
+    rather than at the first evaluation. Nothing to check when the run never evaluates."""
+    if not eval_cfg.benchmarks or not (eval_cfg.every or eval_cfg.at_start):
+        return
+    for i, bench in enumerate(eval_cfg.benchmarks):
+        try:
+            load_benchmark(bench, synthetic_cfg)
+        except (ValueError, FileNotFoundError) as exc:
+            raise ValueError(f"eval.benchmarks[{i}] ({benchmark_name(bench)}): {exc}") from None

@@ -9,10 +9,12 @@ File layouts recognised per record (first match wins):
      instruction text included) + `reward_model.ground_truth`.
 `data.extra_train_paths` are read after `data.train_path` into one dataset (layouts may differ per record).
 Ids come from `data.id_key`, else an `id` / `unique_id` field, else "file:line". Answers may be strings or
-numbers; anything else, a missing field, bad JSON or a non-string problem is a ValueError naming the file
-and line, or, with `data.skip_malformed`, skipped and counted; so is a line that is not valid UTF-8. Prompts
-longer than `data.max_prompt_len` tokens are dropped and counted, and so are jsonl lines longer than
-`data.max_record_bytes` (skipped while reading, never held whole in memory): `metrics()`, `summary()`.
+finite numbers; anything else (NaN, inf, an empty string), a missing field, bad JSON, a non-string problem or
+a lone surrogate is a ValueError naming the file and line, or, with `data.skip_malformed`, skipped and
+counted; so is a line that is not valid UTF-8. A file without any record is a ValueError naming it. Prompts
+longer than `data.max_prompt_len` tokens are dropped and counted, and so are records larger than
+`data.max_record_bytes` (jsonl lines skipped while reading, never held whole in memory; json items and
+parquet rows measured as one jsonl line), before tokenizing: `metrics()`, `summary()`.
 """
 from __future__ import annotations
 
@@ -97,14 +99,19 @@ class PromptDataset:
         if not self.cfg.train_path:
             raise ValueError("data.train_path: data.source=file needs a jsonl or parquet file")
         raw = []
-        for path in [self.cfg.train_path, *self.cfg.extra_train_paths]:
+        for key, path in [("data.train_path", self.cfg.train_path),
+                          *((f"data.extra_train_paths[{i}]", p) for i, p in enumerate(self.cfg.extra_train_paths))]:
+            seen, skipped = 0, self.num_malformed + self.num_oversized
             for location, record in read_records(path, self._on_malformed, self.cfg.max_record_bytes,
                                                  self._on_oversized):
+                seen += 1
                 try:
                     problem, answer = problem_and_answer(record, self.cfg.problem_key, self.cfg.answer_key)
                     raw.append((_record_id(record, self.cfg.id_key, location), problem, answer))
                 except MalformedRecord as exc:
                     self._on_malformed(location, str(exc))
+            if not seen and skipped == self.num_malformed + self.num_oversized:  # nothing skipped either
+                raise ValueError(f"{path}: no records ({key}): the file is empty")
         return raw
 
     def _on_malformed(self, location: str, message: str) -> None:

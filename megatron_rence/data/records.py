@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -20,12 +21,14 @@ def raise_malformed(location: str, message: str) -> None:
     raise ValueError(f"{location}: {message}")
 
 
-def read_records(path: str | Path, on_malformed: OnMalformed = raise_malformed, max_line_bytes: Optional[int] = None,
+def read_records(path: str | Path, on_malformed: OnMalformed = raise_malformed, max_record_bytes: Optional[int] = None,
                  on_oversized: Optional[OnOversized] = None) -> Iterator[tuple[str, dict]]:
     """Yield `(location, record)` for each record; location is "file:line" (1-based) for jsonl and
     "file:row N" / "file:item N" (1-based) for parquet / json lists. Bad JSON, invalid UTF-8 or a non-object
-    record goes to `on_malformed` and is skipped if it returns. A jsonl line longer than `max_line_bytes` is
-    skipped without being held in memory and reported to `on_oversized` (else to `on_malformed`)."""
+    record goes to `on_malformed` and is skipped if it returns. A record larger than `max_record_bytes` is
+    skipped and reported to `on_oversized` (else to `on_malformed`) before anything reads its fields: a jsonl
+    line by its length, without being held in memory; a json item or parquet row by its size as one jsonl
+    line (the file is read whole, but nothing tokenizes the record)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
@@ -36,14 +39,28 @@ def read_records(path: str | Path, on_malformed: OnMalformed = raise_malformed, 
     elif suffix == ".json":
         items = _json_items(path)
     elif suffix == ".jsonl":
-        items = _jsonl_items(path, on_malformed, max_line_bytes, on_oversized)
+        items = _jsonl_items(path, on_malformed, max_record_bytes, on_oversized)
     else:
         raise ValueError(f"{path}: unsupported file type {suffix!r} (use .jsonl, .json or .parquet)")
+    measure = max_record_bytes is not None and suffix != ".jsonl"  # jsonl lines are measured while read
     for location, record in items:
         if not isinstance(record, dict):
             on_malformed(location, f"expected a JSON object, got {type(record).__name__}")
             continue
+        if measure and (size := record_bytes(record)) > max_record_bytes:
+            if on_oversized is None:
+                on_malformed(location, f"record of {size} bytes exceeds the limit of {max_record_bytes}")
+            else:
+                on_oversized(location, size)
+            continue
         yield location, record
+
+
+def record_bytes(record: dict) -> int:
+    """The bytes of `record` written as one jsonl line, newline excluded (UTF-8; a lone surrogate counts 3),
+    the measure a jsonl line is held to."""
+    text = json.dumps(record, ensure_ascii=False, default=str)
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 def _lines(f, max_line_bytes: Optional[int]) -> Iterator[tuple[bytes, int]]:
@@ -108,25 +125,42 @@ def _parquet_rows(path: Path) -> list[dict]:
 
 
 def answer_text(value: object, key: str) -> str:
-    """A reference answer as a string: strings as-is, integers and integral floats without ".0"."""
+    """A reference answer as a string: strings stripped, integers and integral floats without ".0".
+    MalformedRecord for anything else, a NaN / infinite number (JSON's NaN / Infinity) or an empty string."""
     if isinstance(value, bool) or value is None:
         raise MalformedRecord(f"field {key!r} must be a string or a number, got {value!r}")
     if isinstance(value, float):
+        if not math.isfinite(value):
+            raise MalformedRecord(f"field {key!r} must be a finite number, got {value!r}")
         return str(int(value)) if value.is_integer() else repr(value)
     if isinstance(value, int):
         return str(value)
     if not isinstance(value, str):
         raise MalformedRecord(f"field {key!r} must be a string or a number, got {type(value).__name__}")
+    check_unicode(value, key)
+    if not value.strip():
+        raise MalformedRecord(f"field {key!r} is empty")
     return value.strip()
 
 
 def text_field(record: dict, key: str) -> str:
-    """A required string field."""
+    """A required string field (valid Unicode: see `check_unicode`)."""
     if key not in record:
         raise MalformedRecord(f"missing field {key!r} (fields: {sorted(record)})")
     value = record[key]
     if not isinstance(value, str):
         raise MalformedRecord(f"field {key!r} must be a string, got {type(value).__name__}")
+    return check_unicode(value, key)
+
+
+def check_unicode(value: str, key: str) -> str:
+    """`value` if it can be encoded as UTF-8; MalformedRecord otherwise. JSON's "\\ud800" escapes decode to
+    lone surrogates, which no tokenizer accepts (a bare TypeError far from the file)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise MalformedRecord(f"field {key!r} is not valid Unicode: a lone surrogate "
+                              f"{value[exc.start]!r} at character {exc.start}") from None
     return value
 
 

@@ -72,6 +72,15 @@ def _draw(task_cfg, rng: random.Random, operators: list[str]) -> tuple[str, str]
     return problem, str(evaluate_expression(terms, ops))
 
 
+def num_distinct_problems(task_cfg):
+    """How many distinct arithmetic problems the task can produce (values^terms x operators^(terms-1)); None for
+    word problems, whose wording varies too."""
+    if task_cfg.kind != "arithmetic":
+        return None
+    values = task_cfg.max_value - task_cfg.min_value + 1
+    return values ** task_cfg.num_terms * len(set(task_cfg.operators)) ** (task_cfg.num_terms - 1)
+
+
 def generate_problems(task_cfg, split: str = "train") -> list[dict]:
     """Records `{"id", "problem", "answer"}`; the same config gives the same list.
 
@@ -87,6 +96,12 @@ def generate_problems(task_cfg, split: str = "train") -> list[dict]:
     if split == "heldout" and not split_on:
         raise ValueError("data.synthetic.num_heldout: must be >= 1 for a held-out benchmark (format: synthetic)")
     want = task_cfg.num_problems if split == "train" else task_cfg.num_heldout
+    space = num_distinct_problems(task_cfg)
+    if split == "heldout" and space is not None and want > space:  # fail now, not after want * 200 draws
+        raise ValueError(f"data.synthetic.num_heldout: {want} exceeds the {space} distinct problems of the whole "
+                         f"task space (kind={task_cfg.kind}, values {task_cfg.min_value}..{task_cfg.max_value}, "
+                         f"{task_cfg.num_terms} terms, operators {task_cfg.operators!r}); about "
+                         f"{HELDOUT_BUCKETS}% of it is held out")
     rng = random.Random(task_cfg.seed if split == "train" else f"{task_cfg.seed}:heldout")
     records, seen = [], set()
     for _ in range(want * MAX_DRAWS_PER_PROBLEM):

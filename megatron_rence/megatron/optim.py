@@ -18,6 +18,7 @@ constant / linear / cosine decay from ``lr`` to ``min_lr`` reached at ``n = lr_d
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -145,11 +146,13 @@ def attach_loss_scale(transformer_config, optimizer) -> None:
         transformer_config.grad_scale_func = optimizer.scale_loss
 
 
-def build_scheduler(optim_cfg: OptimConfig, optimizer, decay_steps: int):
+def build_scheduler(optim_cfg: OptimConfig, optimizer, decay_steps: int, override: bool = False):
     """megatron's OptimizerParamScheduler, advanced to step 1 so the first optimizer step uses `lr_at(.., 1, ..)`.
 
     Call ``scheduler.step(1)`` after every optimizer step. `decay_steps` is the optimizer step where
     the decay reaches ``optim.min_lr`` (``optim.lr_decay_steps`` or the run's number of optimizer steps).
+    Its `load_state_dict` takes the schedule's settings from the checkpoint, or with `override` (megatron's
+    override_opt_param_scheduler) keeps these and takes only the step count (`resume_schedule`).
     """
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
@@ -159,9 +162,52 @@ def build_scheduler(optim_cfg: OptimConfig, optimizer, decay_steps: int):
         optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=o.lr_warmup_steps,
         lr_decay_steps=decay_steps, lr_decay_style=o.lr_decay_style,
         start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=1, wd_incr_style="constant",
-        use_checkpoint_opt_param_scheduler=True)
-    scheduler.step(1)
+        use_checkpoint_opt_param_scheduler=not override, override_opt_param_scheduler=override)
+    if not override:
+        scheduler.step(1)
     return scheduler
+
+
+def resume_schedule(optim_cfg: OptimConfig, optimizer, scheduler, decay_steps: int) -> tuple[object, list[str]]:
+    """After a checkpoint's optimizer and scheduler state are loaded: the recipe's `optim.*` settings apply from
+    the next step. Returns the scheduler to use and one line per setting that differs from the checkpoint's.
+
+    A checkpoint carries its own settings twice: the scheduler's state (lr, min_lr, warmup, decay length and
+    style, weight decay: megatron's `use_checkpoint_opt_param_scheduler` keeps those) and the optimizer's
+    parameter groups (max_lr / min_lr, which megatron's scheduler reads before its own, Adam's betas and eps).
+    Both are replaced: the groups in place, the scheduler by a new one with megatron's
+    `override_opt_param_scheduler` that takes only the step count from the loaded one. clip_grad is not in
+    the checkpoint (the optimizer config) and always follows the recipe.
+    """
+    o, saved, group = optim_cfg, scheduler.state_dict(), optimizer.param_groups[0]
+    pairs = [("optim.lr", group.get("max_lr", saved["max_lr"]), o.lr),
+             ("optim.min_lr", group.get("min_lr", saved["min_lr"]), o.min_lr),
+             ("optim.lr_warmup_steps", saved["lr_warmup_steps"], o.lr_warmup_steps),
+             ("optim.lr_decay_steps (default: the run's optimizer steps)", saved["lr_decay_steps"], decay_steps),
+             ("optim.lr_decay_style", saved["lr_decay_style"], o.lr_decay_style),
+             ("optim.weight_decay", saved["start_wd"], o.weight_decay),
+             ("optim.adam_beta1", group["betas"][0], o.adam_beta1), ("optim.adam_beta2", group["betas"][1], o.adam_beta2),
+             ("optim.adam_eps", group["eps"], o.adam_eps)]
+    changes = [f"{key}: {old!r} in the checkpoint, {new!r} in the recipe" for key, old, new in pairs
+               if (old != new if isinstance(new, str) else not math.isclose(old, new, rel_tol=1e-9, abs_tol=0.0))]
+    for g in optimizer.param_groups:
+        g["max_lr"], g["min_lr"] = o.lr, o.min_lr
+        g["betas"], g["eps"] = (o.adam_beta1, o.adam_beta2), o.adam_eps
+    resumed = build_scheduler(o, optimizer, decay_steps, override=True)
+    resumed.load_state_dict(saved)  # megatron: the step count from the checkpoint, every setting from the recipe
+    return resumed, changes
+
+
+def zero_lr_warning(optim_cfg: OptimConfig, optimizer, scheduler, steps_left: int) -> Optional[str]:
+    """A warning when the run has steps left but the schedule gives the next optimizer step a learning rate of 0
+    (e.g. a resumed run whose decay already reached optim.min_lr=0): those steps would not change the weights."""
+    if steps_left <= 0 or current_lr(optimizer) > 0:
+        return None
+    o, done = optim_cfg, scheduler.num_steps - 1
+    return (f"warning: optim: the learning rate of optimizer step {done + 1} and after is 0 (optim.lr={o.lr}, "
+            f"optim.lr_decay_style={o.lr_decay_style} reaches optim.min_lr={o.min_lr} at optimizer step "
+            f"{scheduler.lr_decay_steps}): the remaining steps will not change the weights; raise "
+            f"optim.lr_decay_steps (or leave it unset: the run's length) or optim.min_lr")
 
 
 def current_lr(optimizer) -> float:

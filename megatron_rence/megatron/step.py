@@ -485,7 +485,23 @@ class Trainer:
                                 None if weights_only else self.scheduler)
         if weights_only:
             self.reload_main_params()
+        else:
+            self._resume_schedule(int(state.get("step", 0)))
         return state
+
+    def _resume_schedule(self, step: int) -> None:
+        """The recipe's optim.* settings apply from the step after the checkpoint (optim.resume_schedule); each
+        one that changed is printed, and so is a learning rate of 0 for the steps left to run."""
+        self.scheduler, changes = optim.resume_schedule(self.cfg.optim, self.optimizer, self.scheduler,
+                                                        self.decay_steps(self.cfg))
+        warning = optim.zero_lr_warning(self.cfg.optim, self.optimizer, self.scheduler,
+                                        self.cfg.train.num_steps - step)
+        if self.state.rank != 0:
+            return
+        for change in changes:
+            print(f"resume: {change}: the recipe's value applies from step {step + 1}", flush=True)
+        if warning:
+            print(warning, flush=True)
 
     def reload_main_params(self) -> None:
         """Call after changing the parameters outside the optimizer (HF load, checkpoint weights, copies):

@@ -6,24 +6,27 @@ same code as training (`RewardPool`). A summary goes to stderr.
 
 The whole input is validated before anything is graded; results are streamed, `--chunk` records at a time,
 to a temporary file next to `--out`, which is renamed to `--out` only when every record is graded (an
-interrupted run leaves an existing `--out` untouched). `--out` may not be the input file.
+interrupted run, SIGTERM included, leaves an existing `--out` untouched and no temporary file). `--out` may
+not be the input file or a directory; both are refused before anything is graded.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
 from megatron_rence.config import RewardConfig
-from megatron_rence.data.records import read_records
+from megatron_rence.data.records import MalformedRecord, answer_text, check_unicode, read_records
 from megatron_rence.rewards.extract import FALLBACKS
 from megatron_rence.rewards.pool import RewardPool
 
 
 def load_pairs(path: Path) -> list[dict]:
-    """Records with string "response" and "answer" (answers may be numbers); ValueError names file:line."""
+    """Records with string "response" and "answer" (answers may be finite numbers; not empty); ValueError
+    names file:line."""
     records = []
     for location, record in read_records(path):
         for key in ("response", "answer"):
@@ -31,10 +34,13 @@ def load_pairs(path: Path) -> list[dict]:
                 raise ValueError(f"{location}: missing field {key!r}")
         if not isinstance(record["response"], str):
             raise ValueError(f"{location}: field 'response' must be a string")
-        if isinstance(record["answer"], (int, float)) and not isinstance(record["answer"], bool):
-            record["answer"] = str(record["answer"])
+        try:
+            check_unicode(record["response"], "response")
+            answer_text(record["answer"], "answer")  # finite, not empty, valid Unicode
+        except MalformedRecord as exc:
+            raise ValueError(f"{location}: {exc}") from None
         if not isinstance(record["answer"], str):
-            raise ValueError(f"{location}: field 'answer' must be a string or a number")
+            record["answer"] = str(record["answer"])
         records.append(record)
     return records
 
@@ -50,6 +56,13 @@ def check_args(args: argparse.Namespace) -> None:
     if args.input.exists() and (args.out.resolve() == args.input.resolve()
                                 or (args.out.exists() and os.path.samefile(args.out, args.input))):
         raise ValueError(f"--out {args.out} is the input file {args.input}: choose another output path")
+    if args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a directory: give the output file's path")
+
+
+def _raise_on_sigterm(signum, frame):
+    """SIGTERM unwinds like Ctrl-C, so the temporary output file is removed (`main`'s finally)."""
+    raise SystemExit(128 + signum)
 
 
 def _open_temp(out: Path) -> Path:
@@ -92,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
     cfg = RewardConfig(num_workers=args.workers, timeout_s=args.timeout, fallbacks=list(args.fallbacks))
     seconds = 0.0
     try:

@@ -1,4 +1,4 @@
-"""Settings that cannot have an effect (config.ineffective_settings, warned at load), the objective keys added
+"""Settings that cannot have an effect (ineffective.ineffective_settings, warned at load), the objective keys added
 for the ReNCE reconstruction, and the paper recipe's ablations (each switches off one component)."""
 import dataclasses
 import math
