@@ -167,7 +167,8 @@ def resume_from(ckpt_dir: Path, cfg: Config, trainer, ref_trainer, dataset, obje
 
 def sync_weights(run: Run, version: int) -> dict:
     """Trainer shards -> HF layout buckets -> the engine, in place; the trainer's gradients and optimizer
-    state leave the GPU first (and its parameters after, with train.offload_params) until `handoff.restore`."""
+    state leave the GPU first (and its parameters after, with train.offload_params) until `handoff.restore`.
+    At each switch between trainer and engine the ranks of the engine group wait for each other (run.barrier)."""
     from megatron_rence.phases import check_engine_sync
     from megatron_rence.weights.sync import push_weights
 
