@@ -88,7 +88,7 @@ def main(argv=None) -> int:
 
     from megatron_rence.config import Config, ModelConfig, ObjectiveConfig, OptimConfig
     from megatron_rence.megatron import parallel
-    from megatron_rence.megatron.model import build_model
+    from megatron_rence.megatron.model import available_transformer_impl, build_model
     from megatron_rence.megatron.offload import MemoryHandoff
     from megatron_rence.megatron.step import Trainer
     from megatron_rence.objectives import get_objective
@@ -96,14 +96,16 @@ def main(argv=None) -> int:
     layers, hidden, ffn, heads, groups, vocab = SIZES[args.size]
     cfg = Config()
     cfg.model = ModelConfig(num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn, num_attention_heads=heads,
-                            num_query_groups=groups, max_position_embeddings=args.seq_len, dtype="bf16")
+                            num_query_groups=groups, max_position_embeddings=args.seq_len, dtype="bf16",
+                            transformer_impl=available_transformer_impl(cuda))
     cfg.objective = ObjectiveConfig(name="rence")
     cfg.optim = OptimConfig(lr=1e-4, clip_grad=1.0)
     cfg.rollout.num_samples = K
     cfg.train.micro_batch_size = K
     cfg.train.global_batch_size = args.seqs
     state = parallel.initialize(cfg.parallel, seed=0)
-    print(f"device={torch.cuda.get_device_name() if cuda else 'cpu'} size={args.size}")
+    print(f"device={torch.cuda.get_device_name() if cuda else 'cpu'} size={args.size} "
+          f"layers={cfg.model.transformer_impl}")
     print(device_line("start") + "\n" + pool_line(args.mem_fraction))
     trainer = Trainer(cfg, build_model(cfg.model, cfg.parallel, vocab), state, vocab)
     n_params = sum(p.numel() for c in trainer.model_chunks for p in c.parameters())

@@ -52,7 +52,7 @@ def main(argv=None) -> None:
 
     from megatron_rence.config import Config, ModelConfig, ObjectiveConfig
     from megatron_rence.megatron import parallel
-    from megatron_rence.megatron.model import build_model
+    from megatron_rence.megatron.model import available_transformer_impl, build_model
     from megatron_rence.megatron.step import Trainer
     from megatron_rence.objectives import get_objective
 
@@ -70,7 +70,7 @@ def main(argv=None) -> None:
     cfg = Config()
     cfg.model = ModelConfig(num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn, num_attention_heads=heads,
                             num_query_groups=groups, max_position_embeddings=args.prompt_len + args.response_len,
-                            dtype="bf16" if cuda else "fp32")
+                            dtype="bf16" if cuda else "fp32", transformer_impl=available_transformer_impl(cuda))
     cfg.parallel.recompute = args.recompute
     cfg.objective = ObjectiveConfig(name="rence")
     cfg.rollout.num_samples = K
@@ -105,6 +105,7 @@ def main(argv=None) -> None:
     flops = flops_per_token(layers, hidden, ffn, heads, groups, vocab, seq_len) * tokens / seconds
     device = torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)"
     print(f"device={device} size={args.size} params={n_params / 1e6:.1f}M dtype={cfg.model.dtype} "
+          f"layers={cfg.model.transformer_impl} "
           f"seqs={args.seqs} x {seq_len} tokens micro_batch={args.micro_batch} recompute={args.recompute}")
     print(f"train step: median {seconds:.3f} s over {args.steps} steps | {tps:,.0f} tokens/s | "
           f"{flops / 1e12:.2f} TFLOP/s model FLOPs" + (f" | MFU {100 * flops / 1e12 / PEAK_TFLOPS:.1f}% of "

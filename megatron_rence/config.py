@@ -46,6 +46,10 @@ class ModelConfig:
     init_method_std: float = 0.02
     dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
     fp8: Optional[Literal["delayed", "tensorwise", "blockwise"]] = None  # TE FP8 training (GPU only)
+    # the layer implementation on a GPU: "transformer_engine" (TE layer spec; a TE that does not import on a CUDA
+    # machine is an error naming the exception) or "local" (megatron's local spec: bf16, slower, other parameter
+    # names). Without CUDA the local spec is always used (TE needs CUDA)
+    transformer_impl: Literal["transformer_engine", "local"] = "transformer_engine"
 
     @property
     def head_dim(self) -> int:
@@ -241,7 +245,8 @@ class TrainConfig:
     old_logprobs: Literal["trainer", "engine"] = "trainer"
     # move the trainer's parameters (and the reference's) to CPU after each weight sync until the engine has
     # released its memory (gradients and optimizer state always leave the GPU during rollout:
-    # megatron/offload.py); frees params bytes per GPU for the KV cache at the cost of two copies per step
+    # megatron/offload.py); frees params bytes per GPU for the KV cache at the cost of two copies per step.
+    # Not with parallel.distributed_optimizer (config error; docs/design.md, "Memory lifecycle")
     offload_params: bool = False
     # an optimizer step whose loss or gradient norm is not finite is skipped (train/nonfinite_steps); this many
     # such steps in a row stop the run with an error naming the metric and step
@@ -511,6 +516,14 @@ def validate(cfg: Config, source: str = "<recipe>", where=None) -> None:
                  "every weight would be 1 (unset one of the two)")
     if m.fp8 is not None and m.dtype == "fp32":
         fail("model.fp8", "FP8 training needs model.dtype bf16")
+    if m.fp8 is not None and m.transformer_impl == "local":
+        fail("model.fp8", "FP8 training runs through Transformer Engine: it needs "
+             "model.transformer_impl=transformer_engine, not local")
+    if t.offload_params and p.distributed_optimizer:
+        fail("train.offload_params", "not with parallel.distributed_optimizer=true: megatron-core offloads the "
+             "distributed optimizer's parameter buffer by resizing its storage to 0, so every parameter (a view "
+             "into it) is unreadable until the next step, and the checkpoint written after the weight sync reads "
+             "them all; set one of train.offload_params / parallel.distributed_optimizer to false")
     if cfg.data.source == "file" and not cfg.data.train_path:
         fail("data.train_path", "data.source=file needs a train_path (jsonl or parquet)")
     if t.debug_check_sync and r.engine != "hf":

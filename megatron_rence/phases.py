@@ -68,6 +68,39 @@ def engine_process_group(cfg: Config, rank: int, world_size: int):
     return serves, mine
 
 
+class HandoffBarrier:
+    """Orders the colocated memory hand-off across the ranks of one engine group (docs/design.md, "Memory
+    lifecycle"). The engine owner's memory calls act on every GPU of the group, the trainer's on each rank's
+    own GPU; train.py calls this at each switch between the two (after the trainer offload, after the engine
+    resumes its weights, before it resumes its KV cache, after it releases its memory), so that a phase has
+    ended on every rank of the group before the next begins on any. `group`: the engine's process group, or
+    None (one rank feeds the engine, or none: nothing to wait for). `wait_s` adds up the seconds waited."""
+
+    def __init__(self, group=None):
+        self.group = group
+        self.wait_s = 0.0
+
+    def __call__(self) -> None:
+        if self.group is None:
+            return
+        t0 = time.perf_counter()
+        dist.barrier(group=self.group)
+        self.wait_s += time.perf_counter() - t0
+
+    def metrics(self) -> dict:
+        """`perf/handoff_wait_s` since the last call: time this rank waited for the rest of its group."""
+        out, self.wait_s = {"perf/handoff_wait_s": self.wait_s}, 0.0
+        return out
+
+
+def wait_for_every_engine() -> None:
+    """Setup: every engine of the job has started and released its memory before any rank builds its trainer
+    (SGLang measures the free memory of every GPU of its group when it starts; a trainer allocating next to it
+    makes it refuse to start or size its pool wrongly). One barrier over all ranks, once per run."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
 def engine_feed_ranks(cfg: Config, world_size: int) -> list[int]:
     """The ranks that receive the full weights every sync: every rank of every engine group."""
     return [r for group in engine_groups(cfg, world_size) for r in group]

@@ -105,7 +105,7 @@ def _hints(cfg: Config, phase: str) -> list[str]:
     """Changes that lower the peak of `phase`, leaving out those the recipe already has."""
     p = cfg.parallel
     hints = ["larger parallel.tp or parallel.pp (or more nodes)"]
-    if not p.distributed_optimizer:
+    if not p.distributed_optimizer and not cfg.train.offload_params:  # the two exclude each other (config.py)
         hints.append("parallel.distributed_optimizer=true")
     if phase == "train":
         if p.recompute != "full":
@@ -116,8 +116,8 @@ def _hints(cfg: Config, phase: str) -> list[str]:
                      else "a smaller train.micro_batch_size or train.max_seq_len")
     elif phase == "rollout":
         hints.append("a smaller rollout.sglang.mem_fraction_static")
-        if not cfg.train.offload_params:
-            hints.append("train.offload_params=true")
+        if not cfg.train.offload_params and not p.distributed_optimizer:
+            hints.append("train.offload_params=true (not with parallel.distributed_optimizer)")
     else:
         hints.append("a smaller weights.bucket_bytes or a larger rollout.sglang.tp")
     return hints

@@ -39,6 +39,7 @@ class Run:
     logger: Any  # None except on rank 0
     start_step: int
     handoff: Any = None  # megatron.offload.MemoryHandoff: the trainer's GPU state around rollout
+    barrier: Any = None  # phases.HandoffBarrier: orders the hand-off across the ranks of this rank's engine group
 
 
 class StopFlag:
@@ -72,7 +73,8 @@ def setup(cfg: Config, resume: bool) -> Run:
     from megatron_rence.metrics import MetricsLogger
     from megatron_rence.objectives import get_objective
     from megatron_rence.rewards.pool import RewardPool
-    from megatron_rence.phases import engine_feed_ranks, engine_layout, engine_process_group
+    from megatron_rence.phases import (HandoffBarrier, engine_feed_ranks, engine_layout, engine_process_group,
+                                       wait_for_every_engine)
     from megatron_rence.rollout.engine import build_engine
     from megatron_rence.weights.hf_config import to_hf_config
 
@@ -98,6 +100,7 @@ def setup(cfg: Config, resume: bool) -> Run:
         hf_config = to_hf_config(cfg.model, vocab_size, tokenizer.eos_token_id, tokenizer.pad_token_id)
         engine = build_engine(cfg, hf_config, tokenizer, group=group)
         engine.release_memory()
+    wait_for_every_engine()  # no rank allocates before every engine of the job started and released its memory
     trainer = Trainer(cfg, build_model(cfg.model, cfg.parallel, vocab_size), pstate, vocab_size,
                       pad_id=tokenizer.pad_token_id)
     objective = get_objective(cfg.objective)
@@ -131,7 +134,7 @@ def setup(cfg: Config, resume: bool) -> Run:
     return Run(cfg, pstate, tokenizer, trainer, ref_trainer, objective, dataset, engine,
                engine_index if engine_index is not None else -1, num_engines,
                engine_feed_ranks(cfg, pstate.world_size), vocab_size, reward_pool, logger, start_step,
-               MemoryHandoff(trainer, ref_trainer, cfg.train.offload_params))
+               MemoryHandoff(trainer, ref_trainer, cfg.train.offload_params), HandoffBarrier(group))
 
 
 def load_starting_weights(cfg: Config, trainer, vocab_size: int, pstate) -> str:
@@ -167,19 +170,23 @@ def resume_from(ckpt_dir: Path, cfg: Config, trainer, ref_trainer, dataset, obje
 
 def sync_weights(run: Run, version: int) -> dict:
     """Trainer shards -> HF layout buckets -> the engine, in place; the trainer's gradients and optimizer
-    state leave the GPU first (and its parameters after, with train.offload_params) until `handoff.restore`."""
+    state leave the GPU first (and its parameters after, with train.offload_params) until `handoff.restore`.
+    At each switch between trainer and engine the ranks of the engine group wait for each other (run.barrier)."""
     from megatron_rence.phases import check_engine_sync
     from megatron_rence.weights.sync import push_weights
 
     offload = run.handoff.offload()
+    run.barrier()  # every rank of the engine group has offloaded before the engine takes memory back
     if run.engine is not None:
         run.engine.resume_memory(tags=["weights"])
+    run.barrier()  # the engine's weight memory is back before any rank allocates sync buffers
     chunks, model_cfg = run.trainer.model_chunks, run.cfg.model
     fp8 = run.cfg.rollout.sglang.fp8_weights
     metrics = push_weights(chunks, model_cfg, run.vocab_size, run.engine, version, run.cfg.weights.bucket_bytes,
                            run.pstate, run.engine_ranks, fp8=fp8)
     metrics.update(offload)
     metrics.update(run.handoff.offload_params())  # train.offload_params; frees the sync's buffers
+    run.barrier()  # ... on every rank before the KV cache comes back
     if run.engine is not None:
         run.engine.resume_memory(tags=["kv_cache"])
     if run.cfg.train.debug_check_sync:
@@ -210,6 +217,7 @@ def train_step(run: Run, step: int) -> dict:
     metrics["engine/restarts"] = restarts
     if run.engine is not None:
         run.engine.release_memory()
+    run.barrier()  # the engine has released its memory before any rank of its group restores training state
     metrics.update(run.handoff.restore())
     metrics.update(train_phase(exp, run.trainer, run.ref_trainer, run.objective, cfg))
     every = cfg.objective.ref_update_every
@@ -218,6 +226,7 @@ def train_step(run: Run, step: int) -> dict:
         metrics["train/ref_updated"] = 1.0
     run.objective.update_after_step(metrics)
     metrics.update(sync_weights(run, version=step))  # version = optimizer updates applied
+    metrics.update(run.barrier.metrics())
     metrics["perf/step_s"] = time.perf_counter() - t0
     return metrics
 

@@ -1,6 +1,7 @@
 """megatron-core GPTModel chunks from the recipe's model section (Llama-3, Qwen2.5, Qwen3).
 
-On GPU the Transformer Engine layer spec (FP8 through TE when ``model.fp8`` is set); without CUDA the local
+On GPU the Transformer Engine layer spec (FP8 through TE when ``model.fp8`` is set; a TE that does not import
+is an error unless ``model.transformer_impl=local`` asks for megatron's local spec); without CUDA the local
 layer spec with the settings ``cpu_compat`` needs. Parameters are in ``model.dtype`` on both (bf16 on CPU runs
 megatron's mixed-precision optimizer with fp32 main params, as on a GPU). One chunk per virtual pipeline stage.
 The returned chunks are bare ``GPTModel`` modules: DDP wrapping belongs to the optimizer (``step.py``).
@@ -13,7 +14,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from megatron_rence.config import ModelConfig, ParallelConfig
+from megatron_rence.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_rence.megatron import cpu_compat
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -59,8 +60,9 @@ def transformer_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, use
         attention_softmax_in_fp32=True, **_recompute_fields(p),
     )
     if use_cuda and m.fp8 is not None:
-        if not te_available():
-            raise ValueError(f"model.fp8={m.fp8!r} needs Transformer Engine, which does not import here")
+        if not use_transformer_engine(m, use_cuda):
+            raise ConfigError(f"model.fp8={m.fp8!r} needs Transformer Engine: set "
+                              f"model.transformer_impl=transformer_engine")
         problem = fp8_unsupported(m.fp8)
         if problem:
             raise ValueError(f"model.fp8={m.fp8!r}: {problem}")
@@ -81,13 +83,35 @@ class LocalRMSNorm(torch.nn.RMSNorm):
         self.weight.sequence_parallel = config.sequence_parallel
 
 
-def te_available() -> bool:
-    """Whether Transformer Engine imports (it needs CUDA; the Dockerfile builds it)."""
+def te_import_error() -> Optional[str]:
+    """None if Transformer Engine imports (it needs CUDA; the Dockerfile builds it), else the exception that
+    stopped it, as "Type: message"."""
     try:
         import transformer_engine.pytorch  # noqa: F401
-    except Exception:  # ImportError, or TE built for another CUDA / torch
+    except Exception as exc:  # ImportError, or a TE built for another CUDA / torch (OSError, RuntimeError ...)
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def use_transformer_engine(model_cfg: ModelConfig, use_cuda: bool) -> bool:
+    """Whether the model is built from Transformer Engine layers: on CUDA, unless `model.transformer_impl` is
+    "local". A TE that does not import there is a ConfigError naming the exception, never a silent fall back
+    to the local spec (slower, other parameter names). Without CUDA: False (TE needs CUDA)."""
+    if not use_cuda or model_cfg.transformer_impl == "local":
         return False
+    problem = te_import_error()
+    if problem is not None:
+        raise ConfigError(f"model.transformer_impl=transformer_engine: Transformer Engine does not import on this "
+                          f"CUDA machine ({problem}); fix its installation (the Dockerfile builds it) or set "
+                          f"model.transformer_impl=local for megatron's local layer spec (no FP8, slower, "
+                          f"other parameter names)")
     return True
+
+
+def available_transformer_impl(use_cuda: bool) -> str:
+    """For benchmarks without a recipe: "transformer_engine" where it can run (CUDA and TE imports), else "local".
+    Recipes name `model.transformer_impl` instead; benchmarks print what they used next to their figures."""
+    return "transformer_engine" if use_cuda and te_import_error() is None else "local"
 
 
 # model.fp8 -> the first Transformer Engine release megatron-core builds that recipe with (fp8_utils.get_fp8_recipe)
@@ -116,7 +140,7 @@ def fp8_unsupported(recipe: str) -> Optional[str]:
 
 
 def layer_spec(model_cfg: ModelConfig, config, use_cuda: bool, vp_stage):
-    """TE layer spec on GPU (needed for FP8); otherwise (CPU, or a GPU without Transformer Engine: bf16 only)
+    """TE layer spec on GPU (needed for FP8); otherwise (CPU, or model.transformer_impl=local on a GPU: no FP8)
     megatron's local spec with LocalRMSNorm and our LocalCoreAttention (packed THD batches and context
     parallelism, which megatron's local DotProductAttention rejects)."""
     from megatron.core.models.gpt import gpt_layer_specs
@@ -124,7 +148,7 @@ def layer_spec(model_cfg: ModelConfig, config, use_cuda: bool, vp_stage):
 
     from megatron_rence.megatron.attention import LocalCoreAttention
 
-    if use_cuda and te_available():
+    if use_transformer_engine(model_cfg, use_cuda):
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model_cfg.qk_layernorm)
     spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=model_cfg.qk_layernorm, normalization="RMSNorm")
     attention = spec.submodules.self_attention

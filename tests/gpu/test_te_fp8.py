@@ -44,12 +44,9 @@ def _padded_logliks(model, state, batch, chunk_size=None):
     return lp.sequence_logprobs(tok, batch.loss_mask), logits
 
 
-def test_local_spec_bf16_on_a_gpu_without_te(cuda_state, monkeypatch):
-    """A GPU without Transformer Engine (the lent test machine) falls back to the local spec in bf16."""
-    from megatron_rence.megatron import model as model_module
-
-    monkeypatch.setattr(model_module, "te_available", lambda: False)
-    model = build_model(ModelConfig(**CFG), ParallelConfig(), VOCAB)[0]
+def test_local_spec_bf16_on_a_gpu(cuda_state):
+    """model.transformer_impl=local on a GPU (with or without Transformer Engine): the local spec in bf16."""
+    model = build_model(ModelConfig(**CFG, transformer_impl="local"), ParallelConfig(), VOCAB)[0]
     names = dict(model.named_parameters())
     assert "decoder.layers.0.input_layernorm.weight" in names
     assert all(p.is_cuda and p.dtype == torch.bfloat16 for p in names.values())
@@ -57,8 +54,22 @@ def test_local_spec_bf16_on_a_gpu_without_te(cuda_state, monkeypatch):
     assert torch.isfinite(loglik).all() and (loglik < 0).all()
     loglik.sum().backward()
     assert model.decoder.layers[0].mlp.linear_fc2.weight.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="model.fp8='delayed' needs Transformer Engine"):
-        build_model(ModelConfig(**CFG, fp8="delayed"), ParallelConfig(), VOCAB)
+    with pytest.raises(ValueError, match="model.fp8='delayed' needs Transformer Engine: set model.transformer_impl"):
+        build_model(ModelConfig(**CFG, fp8="delayed", transformer_impl="local"), ParallelConfig(), VOCAB)
+
+
+def test_default_spec_on_a_gpu_is_te_or_says_why_not(cuda_state):
+    """The default model.transformer_impl on a real GPU: TE layers, or (TE missing / broken) an error naming the
+    import's exception, never the local spec silently."""
+    from megatron_rence.megatron.model import te_import_error
+
+    problem = te_import_error()
+    if problem is not None:
+        with pytest.raises(ValueError, match="Transformer Engine does not import on this CUDA machine"):
+            build_model(ModelConfig(**CFG), ParallelConfig(), VOCAB)
+        return
+    names = dict(build_model(ModelConfig(**CFG), ParallelConfig(), VOCAB)[0].named_parameters())
+    assert "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight" in names
 
 
 def test_te_spec_bf16_forward_backward(gpu_state):

@@ -240,3 +240,13 @@ def test_cli_dry_run_rejects_a_negative_step_count():
     proc = subprocess.run([sys.executable, "-m", "megatron_rence.train", "recipes/demo_cpu.yaml",
                            "train.num_steps=-5", "--dry-run"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and "train.num_steps: must be >= 1, got -5" in proc.stderr, proc.stderr
+
+
+# ---- issue 24 item 7: megatron's param-buffer offload (distributed optimizer) leaves the parameters unreadable
+def test_offload_params_with_the_distributed_optimizer_is_refused():
+    with pytest.raises(ConfigError, match=r"train\.offload_params: not with parallel\.distributed_optimizer=true: "
+                                          r".*checkpoint written after the weight sync"):
+        load_recipe(REPO / "recipes/rence_8b.yaml", ["train.offload_params=true"])
+    cfg = load_recipe(REPO / "recipes/rence_8b.yaml", ["train.offload_params=true",
+                                                        "parallel.distributed_optimizer=false"])
+    assert cfg.train.offload_params and not cfg.parallel.distributed_optimizer

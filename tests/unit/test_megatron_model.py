@@ -6,6 +6,7 @@ weights/mapping); it encodes docs/design.md's layout facts: QKV interleaved per 
 import dataclasses
 import sys
 import types
+from pathlib import Path
 from typing import Optional
 
 import pytest
@@ -160,14 +161,16 @@ def test_fp8_recipes_are_megatron_recipes(recipe, fp8, monkeypatch):
 
     fake_te(monkeypatch, "2.9.0+abc", public={"is_fp8_available": (True, ""),
                                               "is_fp8_block_scaling_available": (True, "")})
-    monkeypatch.setattr(model_module, "te_available", lambda: True)
+    monkeypatch.setattr(model_module, "te_import_error", lambda: None)
     cfg = ModelConfig(dtype="bf16", fp8=recipe, **{k: v for k, v in COMMON.items() if k != "dtype"})
     config = transformer_config(cfg, ParallelConfig(), use_cuda=True)
     assert config.fp8 == fp8 and Fp8Recipe(config.fp8_recipe) == Fp8Recipe(recipe)
     assert config.bf16 and config.params_dtype == torch.bfloat16
-    monkeypatch.setattr(model_module, "te_available", lambda: False)
-    with pytest.raises(ValueError, match=f"model.fp8='{recipe}' needs Transformer Engine"):
+    monkeypatch.setattr(model_module, "te_import_error", lambda: "ImportError: no module named transformer_engine")
+    with pytest.raises(ValueError, match=r"Transformer Engine does not import .*\(ImportError: no module named"):
         transformer_config(cfg, ParallelConfig(), use_cuda=True)
+    with pytest.raises(ValueError, match=f"model.fp8='{recipe}' needs Transformer Engine: set model.transformer_impl"):
+        transformer_config(dataclasses.replace(cfg, transformer_impl="local"), ParallelConfig(), use_cuda=True)
 
 
 def test_fp8_support_is_checked_when_the_model_is_built(monkeypatch):
@@ -185,7 +188,7 @@ def test_fp8_support_is_checked_when_the_model_is_built(monkeypatch):
                                                                      "required for FP8 execution."),
                                           "is_fp8_block_scaling_available": (False, "sm90 only")})
     assert "compute capability 8.9" in fp8_unsupported("tensorwise")
-    monkeypatch.setattr(model_module, "te_available", lambda: True)
+    monkeypatch.setattr(model_module, "te_import_error", lambda: None)
     cfg = ModelConfig(dtype="bf16", fp8="blockwise", **{k: v for k, v in COMMON.items() if k != "dtype"})
     with pytest.raises(ValueError, match=r"model.fp8='blockwise': this GPU / CUDA cannot run it \(sm90 only\)"):
         transformer_config(cfg, ParallelConfig(), use_cuda=True)
@@ -198,3 +201,55 @@ def test_local_norm_takes_the_params_dtype():
 
     norm = LocalRMSNorm(types.SimpleNamespace(params_dtype=torch.bfloat16, sequence_parallel=True), 8, eps=1e-6)
     assert norm.weight.dtype == torch.bfloat16 and norm.weight.sequence_parallel and norm.eps == 1e-6
+
+
+# ---- issue 24 item 8: on CUDA a Transformer Engine that does not import is an error, not a silent local spec
+class _BrokenTE:
+    """A meta-path finder under which `import transformer_engine...` fails as on a GPU node without a usable TE
+    (megatron-core 0.16.1's own guards catch ModuleNotFoundError and carry on without TE, so this is the
+    failure that used to pass silently). SIMULATED: this machine has neither CUDA nor TE."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "transformer_engine":
+            raise ModuleNotFoundError(f"No module named {name!r} (simulated)", name=name)
+        return None
+
+
+@pytest.fixture
+def broken_te(monkeypatch):
+    for name in [m for m in sys.modules if m.split(".")[0] == "transformer_engine"]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "meta_path", [_BrokenTE(), *sys.meta_path])
+
+
+def test_broken_te_on_cuda_is_an_error_naming_the_exception(single_process, broken_te):
+    """use_cuda=True stands in for a CUDA machine (simulated); the layer spec is where a GPU run picks TE."""
+    from megatron_rence.config import ConfigError
+    from megatron_rence.megatron.model import layer_spec, te_import_error
+
+    assert te_import_error() == "ModuleNotFoundError: No module named 'transformer_engine' (simulated)"
+    cfg = ModelConfig(**COMMON)
+    assert cfg.transformer_impl == "transformer_engine"  # the default: a GPU run uses TE or says why it cannot
+    config = transformer_config(cfg, ParallelConfig(), use_cuda=False)  # only its layer count is read here
+    with pytest.raises(ConfigError, match=r"model\.transformer_impl=transformer_engine: Transformer Engine does not "
+                                          r"import on this CUDA machine \(ModuleNotFoundError: No module named "
+                                          r"'transformer_engine' \(simulated\)\).*set model\.transformer_impl=local"):
+        layer_spec(cfg, config, use_cuda=True, vp_stage=None)
+    # asked for explicitly, the local spec is built without touching TE; without CUDA it always is
+    local = layer_spec(dataclasses.replace(cfg, transformer_impl="local"), config, use_cuda=True, vp_stage=None)
+    assert len(local.layer_specs) == COMMON["num_layers"]
+    assert type(layer_spec(cfg, config, use_cuda=False, vp_stage=None)) is type(local)
+
+
+def test_transformer_impl_recipe_key(tmp_path):
+    from megatron_rence.config import ConfigError
+    from megatron_rence.recipe import load_recipe
+
+    repo = Path(__file__).resolve().parents[2]
+    assert load_recipe(repo / "recipes/rence_8b.yaml").model.transformer_impl == "transformer_engine"
+    for cpu_recipe in ("demo_cpu.yaml", "smollm2_cpu.yaml"):  # they ask for the local spec explicitly
+        assert load_recipe(repo / "recipes" / cpu_recipe).model.transformer_impl == "local"
+    with pytest.raises(ConfigError, match=r"model\.transformer_impl"):
+        load_recipe(repo / "recipes/demo_cpu.yaml", ["model.transformer_impl=te"])
+    with pytest.raises(ConfigError, match=r"model\.fp8: .*needs model\.transformer_impl=transformer_engine"):
+        load_recipe(repo / "recipes/rence_8b.yaml", ["model.fp8=delayed", "model.transformer_impl=local"])

@@ -5,7 +5,8 @@ import torch
 
 from megatron_rence.config import Config
 from megatron_rence.data.prompts import Prompt
-from megatron_rence.phases import engine_feed_ranks, engine_groups, engine_layout, rollout_phase
+from megatron_rence.phases import (HandoffBarrier, engine_feed_ranks, engine_groups, engine_layout, rollout_phase,
+                                   wait_for_every_engine)
 from megatron_rence.rewards.math import GradeResult
 from megatron_rence.rollout.engine import EngineRestartedError
 from megatron_rence.rollout.types import Completion, SamplingParams
@@ -116,3 +117,17 @@ def test_tis_passes_the_engines_logprobs_next_to_the_trainers():
     trainer = RecordingTrainer()
     train_phase(exp, trainer, None, get_objective(cfg.objective), cfg)
     assert trainer.rollout == [None]
+
+
+def test_handoff_barrier_without_a_group_waits_for_nobody():
+    """One rank feeds the engine (or none): nothing to wait for, no process group needed (the 4-rank order is
+    tests/distributed/test_handoff_order.py)."""
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+    barrier = HandoffBarrier(None)
+    barrier()
+    wait_for_every_engine()  # single process: returns at once
+    assert barrier.metrics() == {"perf/handoff_wait_s": 0.0}
+    barrier.wait_s = 1.5
+    assert barrier.metrics() == {"perf/handoff_wait_s": 1.5} and barrier.wait_s == 0.0  # per step: reset

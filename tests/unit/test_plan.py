@@ -267,3 +267,18 @@ def test_cli_json_and_fit():
     assert data["rollout_trainer_resident_gib"] == pytest.approx(data["items"]["weights"])  # grads, optimizer off
     assert data["kv_tokens"] > 0 and data["kv_tokens_needed"] > 0 and set(data["totals_gib"]) == {"rollout", "train",
                                                                                                  "sync"}
+
+
+def test_hints_never_suggest_offload_params_with_the_distributed_optimizer(tmp_path):
+    """train.offload_params and parallel.distributed_optimizer exclude each other (config.py): a plan that does
+    not fit suggests at most the one the recipe can still take."""
+    from megatron_rence.plan import _hints
+
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    neither = _hints(load_recipe(tmp_path / "tiny.yaml"), "rollout")
+    assert "train.offload_params=true (not with parallel.distributed_optimizer)" in neither
+    assert "parallel.distributed_optimizer=true" in neither
+    dist_opt = _hints(load_recipe(tmp_path / "tiny.yaml", ["parallel.distributed_optimizer=true"]), "rollout")
+    assert not any("offload_params" in hint for hint in dist_opt)
+    offload = _hints(load_recipe(tmp_path / "tiny.yaml", ["train.offload_params=true"]), "train")
+    assert "parallel.distributed_optimizer=true" not in offload
