@@ -126,8 +126,15 @@ def _write_latest(root: Path, name: str) -> None:
     _fsync_path(root)
 
 
-def _prune(root: Path, keep_last: Optional[int], keep: Path) -> None:
-    """Remove complete checkpoints beyond the newest `keep_last` (never `keep`) and stale temporary dirs."""
+def _overlaps(a: PathLike, b: PathLike) -> bool:
+    """Whether one of the two paths (symlinks followed) is the other or inside it."""
+    a, b = Path(os.path.realpath(a)), Path(os.path.realpath(b))
+    return a == b or a in b.parents or b in a.parents
+
+
+def _prune(root: Path, keep_last: Optional[int], keep: Path, protect: Optional[PathLike] = None) -> None:
+    """Remove complete checkpoints beyond the newest `keep_last` (never `keep`, nor one that `protect` (the run's
+    checkpoint.load) is, lies in or contains) and stale temporary dirs."""
     for p in root.iterdir():
         if p.is_dir() and (p.name.endswith(".deleting") or (p.name.endswith(".tmp") and p.name.startswith("iter_"))):
             shutil.rmtree(p, ignore_errors=True)
@@ -135,6 +142,8 @@ def _prune(root: Path, keep_last: Optional[int], keep: Path) -> None:
         return
     found = complete_checkpoints(root)
     for _, path in found[:-keep_last]:
+        if protect is not None and _overlaps(path, protect):
+            continue  # the run was asked to read it (checkpoint.load): never removed by pruning
         if path != keep:
             doomed = path.with_name(path.name + ".deleting")
             os.rename(path, doomed)
@@ -239,13 +248,14 @@ def _write_run_state(tmp: Path, run_state: dict, step: int, optimizer_state: boo
 
 def save(ckpt_root: PathLike, step: int, model_chunks: list, optimizer=None, scheduler=None,
          run_state: Optional[dict] = None, keep_last: Optional[int] = None,
-         model_config: Optional[dict] = None) -> Path:
+         model_config: Optional[dict] = None, protect: Optional[PathLike] = None) -> Path:
     """Write checkpoint `iter_<step>` under `ckpt_root` atomically (all ranks call it); returns its path.
 
     model_chunks: bare GPTModel chunks; optimizer: megatron optimizer or None (weights only); scheduler:
     OptimizerParamScheduler or None; run_state: picklable dict (the trainer's step, data cursor, objective
     state ...); keep_last: keep this many newest checkpoints (None / 0 = all);
-    model_config: the ModelConfig fields, recorded in meta.json (a mismatch at load names the keys).
+    model_config: the ModelConfig fields, recorded in meta.json (a mismatch at load names the keys);
+    protect: a path pruning never removes (the run's checkpoint.load, when it lies in `ckpt_root`).
     """
     root = Path(ckpt_root)
     name = checkpoint_name(step)
@@ -268,12 +278,13 @@ def save(ckpt_root: PathLike, step: int, model_chunks: list, optimizer=None, sch
     with naming_write_errors(tmp / "manifest.json", root):
         write_manifest(tmp)
     if _rank() == 0:
-        _finish_save(root, tmp, final, name, keep_last)
+        _finish_save(root, tmp, final, name, keep_last, protect)
     _barrier()
     return final
 
 
-def _finish_save(root: Path, tmp: Path, final: Path, name: str, keep_last: Optional[int]) -> None:
+def _finish_save(root: Path, tmp: Path, final: Path, name: str, keep_last: Optional[int],
+                 protect: Optional[PathLike] = None) -> None:
     """Rank 0: fsync, rename iter_X.tmp -> iter_X, point `latest` at it, prune."""
     with naming_write_errors(final, root):
         _fsync_tree(tmp)
@@ -284,7 +295,7 @@ def _finish_save(root: Path, tmp: Path, final: Path, name: str, keep_last: Optio
         os.rename(tmp, final)
         _fsync_path(root)
         _write_latest(root, name)
-        _prune(root, keep_last, keep=final)
+        _prune(root, keep_last, keep=final, protect=protect)
 
 
 def resolve(path: PathLike) -> Path:

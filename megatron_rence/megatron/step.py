@@ -475,9 +475,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def save(self, ckpt_root, step: int, run_state: dict, keep_last: Optional[int] = None) -> Path:
-        """Atomic checkpoint of weights, optimizer, LR schedule and `run_state` (see checkpoint.save)."""
+        """Atomic checkpoint of weights, optimizer, LR schedule and `run_state` (see checkpoint.save); keep_last
+        pruning never removes checkpoint.load (a run never deletes what it was asked to read)."""
         return checkpoint.save(ckpt_root, step, self.model_chunks, self.optimizer, self.scheduler, run_state,
-                               keep_last=keep_last, model_config=dataclasses.asdict(self.cfg.model))
+                               keep_last=keep_last, model_config=dataclasses.asdict(self.cfg.model),
+                               protect=self.cfg.checkpoint.load)
 
     def load(self, path, weights_only: bool = False) -> dict:
         """Load `path` (a checkpoint root -> its latest intact one, or one iter_* dir); returns the saved run

@@ -383,3 +383,15 @@ def test_a_real_full_disk_names_the_path_and_keeps_the_previous_checkpoint(pstat
         assert make_trainer(pstate, seed=5).load(disk)["step"] == 1
     finally:
         subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_keep_last_never_prunes_the_checkpoint_the_run_was_told_to_load(pstate, tmp_path):
+    t = make_trainer(pstate, seed=1)
+    t.save(tmp_path, 1, {"step": 1})
+    t.cfg.checkpoint.load = str(tmp_path / "iter_0000001")  # e.g. the reference weights of an online_dpo run
+    for s in range(2, 5):
+        t.save(tmp_path, s, {"step": s}, keep_last=2)
+    assert [s for s, _ in checkpoint.complete_checkpoints(tmp_path)] == [1, 3, 4]
+    t.cfg.checkpoint.load = None
+    t.save(tmp_path, 5, {"step": 5}, keep_last=2)
+    assert [s for s, _ in checkpoint.complete_checkpoints(tmp_path)] == [4, 5]
