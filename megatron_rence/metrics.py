@@ -121,8 +121,8 @@ def _plain(value: Any) -> Any:
 
 
 def parse_records(path: Path) -> list[tuple[str, dict]]:
-    """(line, record) of each line of a metrics.jsonl (or eval summary.jsonl); a torn last line (a crash or a full disk mid-write) is
-    dropped with a warning; a bad line elsewhere is a ValueError naming file:line."""
+    """(line, record) of each line of a metrics.jsonl (or eval summary.jsonl); a torn last line (a crash or a
+    full disk mid-write) is dropped with a warning; a bad line elsewhere is a ValueError naming file:line."""
     lines = [(n, line) for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1) if line.strip()]
     out = []
     for i, (line_no, line) in enumerate(lines):

@@ -170,7 +170,7 @@ def forget_previous_run(cfg) -> None:
         with contextlib.suppress(OSError):
             aside.rmdir()
     journal.unlink()
-    print(f"train.overwrite=true: this run's first checkpoint is written; removed the previous run", flush=True)
+    print("train.overwrite=true: this run's first checkpoint is written; removed the previous run", flush=True)
 
 
 def check_fresh_launch(cfg, resume: bool) -> None:

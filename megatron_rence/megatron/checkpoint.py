@@ -18,7 +18,11 @@ is never mistaken for a complete one.
 Integrity: a checkpoint whose weights hold NaN / inf is never written (NonFiniteWeights); write errors name the
 path and the cause (CheckpointWriteError: "no space left on device", "permission denied" ...). At load, the
 files are checked against manifest.json; a corrupt or incomplete checkpoint is reported (file named) and,
-when a checkpoint root was given, the newest intact one is loaded instead.
+when a checkpoint root was given, renamed ``iter_XXXXXXX.corrupt`` (never counted by ``latest`` or
+``keep_last`` again) and the newest intact one is loaded instead. A checkpoint without manifest.json is refused
+unless ``allow_unverified``. ``latest`` only ever names a checkpoint directory of its own root; pruning never
+removes the run's ``checkpoint.load`` (``protect``). A checkpoint of another model (tensor shapes) is a
+CheckpointLoadError naming the tensors and the ``model.*`` keys that differ.
 
 Resharding: tensors are stored as global ShardedTensors, so a checkpoint written at one TP / PP / VPP / DP
 layout loads at another (weights and, with the non-distributed optimizer, Adam moments: they are sharded like
