@@ -315,10 +315,10 @@ def resolve(path: PathLike) -> Path:
     return found
 
 
-def resolve_intact(path: PathLike, allow_unverified: bool = False) -> Path:
+def resolve_intact(path: PathLike, allow_unverified: bool = False, set_aside_corrupt: bool = False) -> Path:
     """Like `resolve`, but checked against each checkpoint's manifest (all ranks): for a root, the newest intact
-    checkpoint (`latest` first, then older ones, with a warning naming the corrupt files; those are renamed
-    `*.corrupt`); for an iter_* directory, that one or a CheckpointLoadError naming its corrupt files. Without
+    checkpoint (`latest` first, then older ones, with a warning naming the corrupt files; with
+    `set_aside_corrupt` those are renamed `*.corrupt`); for an iter_* directory, that one or a CheckpointLoadError naming its corrupt files. Without
     a manifest: refused unless `allow_unverified` (checkpoint.allow_unverified)."""
     p = Path(path)
     first = resolve(p)
@@ -326,7 +326,8 @@ def resolve_intact(path: PathLike, allow_unverified: bool = False) -> Path:
         return choose_intact([p], explicit=True, allow_unverified=allow_unverified)
     step = int(_ITER.match(first.name).group(1))
     older = [c for s, c in reversed(complete_checkpoints(p)) if s < step]
-    return choose_intact([first, *older], explicit=False, allow_unverified=allow_unverified)
+    return choose_intact([first, *older], explicit=False, allow_unverified=allow_unverified,
+                         set_aside_corrupt=set_aside_corrupt)
 
 
 def _torch_load(path: Path):
@@ -376,18 +377,19 @@ def check_shapes(ckpt: Path, request: dict, meta: dict, model_config: Optional[d
 
 
 def load(path: PathLike, model_chunks: list, optimizer=None, scheduler=None, allow_unverified: bool = False,
-         model_config: Optional[dict] = None) -> dict:
+         model_config: Optional[dict] = None, set_aside_corrupt: bool = False) -> dict:
     """Load weights (and optimizer / scheduler state when given) from `path` at the current layout (all ranks).
 
     Returns the saved run state (with "checkpoint": the directory loaded). The optimizer state reshards
     across TP / PP / VPP / DP with megatron's non-distributed optimizer; for the distributed optimizer
     (GPU) megatron's own sharded formats decide. Every user-facing failure (corrupt, no manifest without
     `allow_unverified`, another model's shapes: `model_config` names the differing model.* keys) is a
-    CheckpointLoadError naming the checkpoint.
+    CheckpointLoadError naming the checkpoint. `set_aside_corrupt`: a resume of the run's own (locked)
+    checkpoint root renames the corrupt checkpoints it skips `*.corrupt` (readers such as the exporter do not).
     """
     from megatron.core import dist_checkpointing
 
-    ckpt = resolve_intact(path, allow_unverified)
+    ckpt = resolve_intact(path, allow_unverified, set_aside_corrupt)
     try:
         meta = json.loads((ckpt / META).read_text())
     except (OSError, ValueError) as exc:

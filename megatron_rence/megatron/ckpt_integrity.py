@@ -152,12 +152,14 @@ def _quarantine(ckpt: Path) -> Path:
     return target
 
 
-def choose_intact(candidates: list[Path], explicit: bool, allow_unverified: bool = False) -> Path:
+def choose_intact(candidates: list[Path], explicit: bool, allow_unverified: bool = False,
+                  set_aside_corrupt: bool = False) -> Path:
     """The first of `candidates` (newest first) whose files match their manifest; warns about each one skipped.
 
     With `explicit` (the user named one checkpoint directory) a corrupt one is an error instead. Otherwise
-    (candidates of one checkpoint root) each corrupt one skipped is renamed `<name>.corrupt` so that neither
-    `latest` nor `keep_last` counts it again. A checkpoint without manifest.json cannot be verified: it is
+    (candidates of one checkpoint root), with `set_aside_corrupt` (a run resuming its own checkpoint dir, which
+    it holds locked), each corrupt one skipped is renamed `<name>.corrupt` so that neither `latest` nor
+    `keep_last` counts it again. A checkpoint without manifest.json cannot be verified: it is
     refused (skipped in a root, not renamed) unless `allow_unverified` (checkpoint.allow_unverified)."""
     rank, _ = _dist()
     skipped, unverified = [], []
@@ -179,12 +181,14 @@ def choose_intact(candidates: list[Path], explicit: bool, allow_unverified: bool
             if (skipped or unverified) and rank == 0:
                 print(f"warning: loading {ckpt}, the newest intact checkpoint; skipped: "
                       + "; ".join(unverified + [p for _, ps in skipped for p in ps]), flush=True)
-            _set_aside_corrupt(skipped, rank)
+            if set_aside_corrupt:
+                _set_aside_corrupt(skipped, rank)
             return ckpt
         if explicit:
             raise CheckpointLoadError(f"checkpoint {ckpt} is corrupt or incomplete: " + "; ".join(problems))
         skipped.append((ckpt, problems))
-    _set_aside_corrupt(skipped, rank)
+    if set_aside_corrupt:
+        _set_aside_corrupt(skipped, rank)
     raise CheckpointLoadError("no intact checkpoint: " + "; ".join(unverified + [p for _, ps in skipped for p in ps]))
 
 

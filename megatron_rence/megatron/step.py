@@ -483,11 +483,12 @@ class Trainer:
 
     def load(self, path, weights_only: bool = False) -> dict:
         """Load `path` (a checkpoint root -> its latest intact one, or one iter_* dir); returns the saved run
-        state. checkpoint.allow_unverified admits a checkpoint without manifest.json."""
+        state. checkpoint.allow_unverified admits a checkpoint without manifest.json. A full load (a resume of
+        this run's checkpoint dir) renames the corrupt checkpoints it skips `*.corrupt`; weights_only does not."""
         state = checkpoint.load(path, self.model_chunks, None if weights_only else self.optimizer,
                                 None if weights_only else self.scheduler,
                                 allow_unverified=self.cfg.checkpoint.allow_unverified,
-                                model_config=dataclasses.asdict(self.cfg.model))
+                                model_config=dataclasses.asdict(self.cfg.model), set_aside_corrupt=not weights_only)
         if weights_only:
             self.reload_main_params()
         return state

@@ -395,3 +395,12 @@ def test_keep_last_never_prunes_the_checkpoint_the_run_was_told_to_load(pstate, 
     t.cfg.checkpoint.load = None
     t.save(tmp_path, 5, {"step": 5}, keep_last=2)
     assert [s for s, _ in checkpoint.complete_checkpoints(tmp_path)] == [4, 5]
+
+
+def test_a_weights_only_load_reads_without_renaming_anything(pstate, tmp_path):
+    """checkpoint.load of another run's root (or an exporter) only reads: a corrupt checkpoint there is skipped,
+    not renamed; only a resume of the run's own, locked checkpoint dir sets it aside."""
+    _two_checkpoints(pstate, tmp_path)
+    _truncate_distcp(tmp_path / "iter_0000002")
+    assert make_trainer(pstate, seed=5).load(tmp_path, weights_only=True)["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000001", "iter_0000002", "latest"]
