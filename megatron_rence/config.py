@@ -280,6 +280,9 @@ class CheckpointConfig:
     dir: Optional[str] = None  # default: <run_dir>/checkpoints
     keep_last: int = 2
     load: Optional[str] = None  # megatron checkpoint to start from (weights only)
+    # load a checkpoint that has no manifest.json (written before checksums, or the file was deleted) unverified;
+    # false: such a checkpoint is refused (skipped on --resume when an older verified one exists)
+    allow_unverified: bool = False
 
 
 @dataclass
@@ -543,6 +546,10 @@ def validate(cfg: Config, source: str = "<recipe>", where=None) -> None:
         fail("objective.hard_negative_samples", f"must be >= 0, got {o.hard_negative_samples}")
     if o.dual_clip_c is not None and o.dual_clip_c <= 1.0:
         fail("objective.dual_clip_c", f"must be > 1 (the cap is dual_clip_c * |A|), got {o.dual_clip_c}")
+    from megatron_rence.rundir import load_inside_replaced_run
+
+    if problem := load_inside_replaced_run(cfg):
+        fail("checkpoint.load", problem)
 
 
 def samples_per_prompt(cfg: Config) -> int:

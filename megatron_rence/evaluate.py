@@ -3,7 +3,9 @@
 From training: `evaluate(engine, tokenizer, cfg.eval, cfg.data, reward_pool, out_dir, step)` returns flat
 metrics (`eval/<benchmark>/avg@k`, `eval/<benchmark>/pass@j` for j = 1, 2, 4, ..., k) and writes, under
 `out_dir[/step_NNNNNN]`: `results.md` (a table), `results.json`, and `<benchmark>.jsonl` (per problem: the k
-responses, extracted answers, statuses, rewards); one line per evaluation is appended to `out_dir/summary.jsonl`.
+responses, extracted answers, statuses, rewards); `out_dir/summary.jsonl` holds one line per evaluated step,
+keyed by step (evaluating a step again replaces its line; `reconcile_summary` drops the steps a resume will run
+again), in step order.
 With several engines (training with one SGLang engine per inference TP group) every engine samples and
 grades its contiguous share of each benchmark, as in rollout, and the results are gathered on every rank
 (`shard`, `gather`); only the writing rank writes the reports.
@@ -16,6 +18,7 @@ the same path the trainer's weight sync uses. Prompts use the recipe's `data.tem
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -174,9 +177,59 @@ def evaluate(engine, tokenizer, eval_cfg, data_cfg, reward_pool, out_dir, step: 
         return metrics
     (out / "results.md").write_text(markdown_table(summaries, k, step))
     (out / "results.json").write_text(json.dumps({"step": step, "k": k, "benchmarks": summaries}, indent=2))
-    with (root / "summary.jsonl").open("a") as f:
-        f.write(json.dumps({"step": step, **metrics}) + "\n")
+    write_summary_line(root, step, metrics)
     return metrics
+
+
+SUMMARY = "summary.jsonl"
+
+
+def _rewrite(path: Path, lines: list[str]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    os.replace(tmp, path)
+
+
+def write_summary_line(root: Path, step: Optional[int], metrics: dict) -> None:
+    """Put step `step`'s line into `root/summary.jsonl`, replacing an earlier line of the same step (a step
+    evaluated again after a resume); lines stay in step order. Standalone evaluations (step None) are appended."""
+    from megatron_rence.metrics import parse_records
+
+    path = root / SUMMARY
+    records = parse_records(path) if path.exists() else []
+    line = json.dumps({"step": step, **metrics})
+    if step is None:
+        _rewrite(path, [text for text, _ in records] + [line])
+        return
+    kept = [(r.get("step"), text) for text, r in records if r.get("step") != step]
+    ordered = sorted(kept + [(step, line)], key=lambda item: (item[0] is None, item[0] or 0))
+    _rewrite(path, [text for _, text in ordered])
+
+
+def reconcile_summary(out_dir: Path, resume_step: Optional[int]) -> None:
+    """At the start of a training run (the writing rank). Resuming from step S: the summary lines and
+    `step_*` reports after S are removed (those steps are about to be run again, as metrics.jsonl's lines
+    are). A fresh run: a summary.jsonl left by an earlier run that stopped before its first checkpoint is
+    kept as summary.jsonl.<n> (train.overwrite already set a finished run's aside)."""
+    import shutil
+
+    from megatron_rence.metrics import keep_aside, parse_records
+
+    path = Path(out_dir) / SUMMARY
+    if resume_step is None:
+        if path.exists():
+            keep_aside(path, "eval summary")
+        return
+    if path.exists():
+        records = parse_records(path)
+        kept = [text for text, r in records if r.get("step") is None or r["step"] <= resume_step]
+        if len(kept) != len(records):
+            print(f"eval: dropped {len(records) - len(kept)} line(s) after step {resume_step} from {path} "
+                  f"(resuming from step {resume_step})", flush=True)
+            _rewrite(path, kept)
+    for report in sorted(Path(out_dir).glob("step_*")):
+        if report.is_dir() and report.name[5:].isdigit() and int(report.name[5:]) > resume_step:
+            shutil.rmtree(report)
 
 
 def load_hf_engine(cfg, hf_dir: Path, tokenizer):

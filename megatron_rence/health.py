@@ -4,6 +4,7 @@
     health.observe(step, metrics)      # adds train/nonfinite_steps_total; warns
     logger.log(step, metrics)
     health.stop_if_diverged()          # NonFiniteTraining after train.max_nonfinite_steps skipped steps in a row
+    run_state["health"] = health.state_dict()   # checkpointed; load_state_dict on resume
 
 The trainer already skipped the optimizer step whose loss or gradient norm was NaN / inf (on every rank:
 the flag is all-reduced, so every rank raises at the same step). A gradient norm of exactly 0 with response
@@ -61,6 +62,17 @@ class RunHealth:
             print(f"warning: step {step}: train/grad_norm is exactly 0 for {self.zero_grad_in_a_row} steps in a row "
                   f"with response tokens to learn from: the model has probably collapsed (optim.lr too high?); "
                   f"its weights no longer change", flush=True)
+
+    def state_dict(self) -> dict:
+        """The counters a checkpoint keeps, so that a resumed run counts as an uninterrupted one would."""
+        return {"nonfinite_in_a_row": self.nonfinite_in_a_row, "nonfinite_total": self.nonfinite_total,
+                "zero_grad_in_a_row": self.zero_grad_in_a_row}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Counters from `state_dict` (a checkpoint written before they were kept has none: they stay 0)."""
+        self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
+        self.nonfinite_total = float(state.get("nonfinite_total", 0.0))
+        self.zero_grad_in_a_row = int(state.get("zero_grad_in_a_row", 0))
 
     def stop_if_diverged(self) -> None:
         if self._error is not None:

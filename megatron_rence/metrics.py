@@ -19,7 +19,7 @@ class MetricsLogger:
 
     On resume, records after `resume_step` (steps that will be run again) are dropped from metrics.jsonl.
     A fresh run in a directory that still has a metrics.jsonl (a run that stopped before its first checkpoint:
-    with checkpoints, `rundir.check_fresh_launch` refuses the launch or, with train.overwrite, deletes it)
+    with checkpoints, `rundir.check_fresh_launch` refuses the launch or, with train.overwrite, sets it aside)
     renames the old log to metrics.jsonl.<n> and says so.
     """
 
@@ -34,7 +34,7 @@ class MetricsLogger:
         elif self.jsonl_path.exists() and self.jsonl_path.stat().st_size == 0:
             self.jsonl_path.unlink()
         elif self.jsonl_path.exists():
-            _keep_aside(self.jsonl_path)  # a fresh run starts a fresh log; the old one is kept, not lost
+            keep_aside(self.jsonl_path)  # a fresh run starts a fresh log; the old one is kept, not lost
         self._jsonl = open(self.jsonl_path, "a") if cfg.jsonl else None
         self._tb = None
         if cfg.tensorboard:
@@ -114,7 +114,7 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
-    return [record for _, record in _parse_records(path)]
+    return [record for _, record in parse_records(path)]
 
 
 def _plain(value: Any) -> Any:
@@ -129,9 +129,9 @@ def _plain(value: Any) -> Any:
     return value if isinstance(value, (str, list, dict)) or value is None else float(value)
 
 
-def _parse_records(path: Path) -> list[tuple[str, dict]]:
-    """(line, record) of each line of a metrics.jsonl; a torn last line (a crash or a full disk mid-write) is
-    dropped with a warning; a bad line elsewhere is a ValueError naming file:line."""
+def parse_records(path: Path) -> list[tuple[str, dict]]:
+    """(line, record) of each line of a metrics.jsonl (or eval summary.jsonl); a torn last line (a crash or a
+    full disk mid-write) is dropped with a warning; a bad line elsewhere is a ValueError naming file:line."""
     lines = [(n, line) for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1) if line.strip()]
     out = []
     for i, (line_no, line) in enumerate(lines):
@@ -145,21 +145,21 @@ def _parse_records(path: Path) -> list[tuple[str, dict]]:
     return out
 
 
-def _keep_aside(path: Path) -> Path:
+def keep_aside(path: Path, what: str = "metrics") -> Path:
     """Rename `path` to the first free `<path>.<n>` (n = 1, 2, ...), print where it went, return the new path."""
     n = 1
     while path.with_name(f"{path.name}.{n}").exists():
         n += 1
     kept = path.with_name(f"{path.name}.{n}")
     os.replace(path, kept)
-    print(f"metrics: {path} of an earlier run (no checkpoint to resume from) kept as {kept}", flush=True)
+    print(f"{what}: {path} of an earlier run (no checkpoint to resume from) kept as {kept}", flush=True)
     return kept
 
 
 def _truncate_after(path: Path, step: int) -> None:
     if not path.exists():
         return
-    kept = [line for line, record in _parse_records(path) if record.get("step", 0) <= step]
+    kept = [line for line, record in parse_records(path) if record.get("step", 0) <= step]
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)

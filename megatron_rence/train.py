@@ -40,6 +40,7 @@ class Run:
     start_step: int
     handoff: Any = None  # megatron.offload.MemoryHandoff: the trainer's GPU state around rollout
     barrier: Any = None  # phases.HandoffBarrier: orders the hand-off across the ranks of this rank's engine group
+    health: Any = None  # health.RunHealth: non-finite / collapsed steps (its counters are checkpointed)
 
 
 class StopFlag:
@@ -66,6 +67,8 @@ def setup(cfg: Config, resume: bool) -> Run:
     from megatron_rence.data.benchmarks import check_benchmarks
     from megatron_rence.data.prompts import PromptDataset
     from megatron_rence.data.tokenizer import load_tokenizer
+    from megatron_rence.evaluate import reconcile_summary
+    from megatron_rence.health import RunHealth
     from megatron_rence.megatron import checkpoint, parallel
     from megatron_rence.megatron.model import build_model
     from megatron_rence.megatron.offload import MemoryHandoff
@@ -119,10 +122,12 @@ def setup(cfg: Config, resume: bool) -> Run:
         source = load_starting_weights(cfg, trainer, vocab_size, pstate)
     if ref_trainer is not None:
         ref_trainer.copy_weights_from(trainer)
-    start_step = resume_from(ckpt_dir, cfg, trainer, ref_trainer, dataset, objective) if resuming else 0
-    resume_step = start_step if resuming else None
+    health = RunHealth(cfg.train.max_nonfinite_steps)  # NaN / inf steps in a row stop the run
+    start_step = 0
     if resuming:
-        source = f"{checkpoint.latest(ckpt_dir)} (checkpoint, resumed)"
+        start_step, loaded = resume_from(ckpt_dir, cfg, trainer, ref_trainer, dataset, objective, health)
+        source = f"{loaded} (checkpoint, resumed)"  # after a corrupt latest: the one actually loaded
+    resume_step = start_step if resuming else None
     if pstate.rank == 0:
         print(f"start: weights from {source} {trainer.precision()}", flush=True)
     if engine_index is not None:
@@ -130,11 +135,12 @@ def setup(cfg: Config, resume: bool) -> Run:
     logger = None
     if pstate.rank == 0:
         save_resolved(cfg, cfg.train.run_dir)
+        reconcile_summary(Path(cfg.eval.out_dir or Path(cfg.train.run_dir) / "eval"), resume_step)
         logger = MetricsLogger(cfg.logging, cfg.train.run_dir, cfg.train.num_steps, start_step, resume_step)
     return Run(cfg, pstate, tokenizer, trainer, ref_trainer, objective, dataset, engine,
                engine_index if engine_index is not None else -1, num_engines,
                engine_feed_ranks(cfg, pstate.world_size), vocab_size, reward_pool, logger, start_step,
-               MemoryHandoff(trainer, ref_trainer, cfg.train.offload_params), HandoffBarrier(group))
+               MemoryHandoff(trainer, ref_trainer, cfg.train.offload_params), HandoffBarrier(group), health)
 
 
 def load_starting_weights(cfg: Config, trainer, vocab_size: int, pstate) -> str:
@@ -152,12 +158,14 @@ def load_starting_weights(cfg: Config, trainer, vocab_size: int, pstate) -> str:
     return f"random init (train.seed={cfg.train.seed})"
 
 
-def resume_from(ckpt_dir: Path, cfg: Config, trainer, ref_trainer, dataset, objective) -> int:
-    """Weights, optimizer, RNG, data position and objective state of the latest checkpoint; returns its step."""
+def resume_from(ckpt_dir: Path, cfg: Config, trainer, ref_trainer, dataset, objective, health) -> tuple[int, str]:
+    """Weights, optimizer, RNG, data position, objective and health state of the newest intact checkpoint;
+    returns its step and directory."""
     state = trainer.load(ckpt_dir)  # the newest intact checkpoint (a corrupt one is skipped with a warning)
     step = state["step"]
     dataset.load_state_dict(state["data"])
     objective.load_state_dict(state["objective"])
+    health.load_state_dict(state.get("health", {}))
     print(f"resumed from {state['checkpoint']} at step {step}")
     every = cfg.objective.ref_update_every
     if ref_trainer is not None and every:  # semi-online DPO: the reference is not in the checkpoint
@@ -165,7 +173,7 @@ def resume_from(ckpt_dir: Path, cfg: Config, trainer, ref_trainer, dataset, obje
         if step % every:
             print(f"objective.ref_update_every={every}: the reference restarts from the resumed policy "
                   f"(step {step}), not from step {step - step % every}")
-    return step
+    return step, state["checkpoint"]
 
 
 def sync_weights(run: Run, version: int) -> dict:
@@ -232,9 +240,14 @@ def train_step(run: Run, step: int) -> dict:
 
 
 def save(run: Run, step: int) -> None:
+    from megatron_rence.rundir import forget_previous_run
+
     run.trainer.save(Path(run.cfg.checkpoint.dir or Path(run.cfg.train.run_dir) / "checkpoints"), step,
-                     {"step": step, "data": run.dataset.state_dict(), "objective": run.objective.state_dict()},
+                     {"step": step, "data": run.dataset.state_dict(), "objective": run.objective.state_dict(),
+                      "health": run.health.state_dict()},
                      keep_last=run.cfg.checkpoint.keep_last)
+    if run.pstate.rank == 0:
+        forget_previous_run(run.cfg)  # train.overwrite: the old run, set aside until now, is removed
 
 
 def maybe_evaluate(run: Run, step: int) -> dict:
@@ -273,12 +286,10 @@ def run_training(cfg: Config, resume: bool = False) -> list[dict]:
 
 
 def _train_loop(cfg: Config, resume: bool) -> list[dict]:
-    from megatron_rence.health import RunHealth
-
     stop = StopFlag()
     deadline = time.monotonic() + 60 * cfg.train.max_minutes if cfg.train.max_minutes else None
     run = setup(cfg, resume)
-    health = RunHealth(cfg.train.max_nonfinite_steps)  # NaN / inf steps in a row stop the run
+    health = run.health
     history: list[dict] = []
     try:
         sync_weights(run, version=run.start_step)  # the engine starts from the trainer's weights
@@ -351,13 +362,14 @@ def main(argv: list[str] | None = None) -> int:
     if handle_info_flags(args, cfg):
         return 0
     from megatron_rence.health import NonFiniteTraining
+    from megatron_rence.megatron.ckpt_integrity import CheckpointLoadError
     from megatron_rence.rundir import RunDirError
 
     try:
         history = run_training(cfg, resume=args.resume)
-    except (RunDirError, NonFiniteTraining, FloatingPointError) as exc:
+    except (RunDirError, CheckpointLoadError, NonFiniteTraining, FloatingPointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, RunDirError) else 1
+        return 2 if isinstance(exc, (RunDirError, CheckpointLoadError)) else 1
     except (ValueError, OSError) as exc:  # bad input (a data / benchmark file, a key), a full disk: the message
         print(f"error: {exc}", file=sys.stderr)  # names the file, line or key
         return 1

@@ -6,8 +6,10 @@ and write errors that name the path and the cause.
     {"format": 1, "files": {"__0_0.distcp": {"size": 136301, "sha256": "..."}, "run_state.pt": {...}, ...}}
 
 Hashing and checking are shared by all ranks (rank r hashes files r, r + world, ...; the results are
-gathered), so every rank reaches the same verdict. A checkpoint written before manifests existed is loaded
-unchecked, with a note.
+gathered), so every rank reaches the same verdict. A checkpoint without a manifest (written before manifests
+existed, or the file was deleted) cannot be verified and is refused unless checkpoint.allow_unverified=true.
+A checkpoint of a checkpoint root found corrupt is renamed ``iter_XXXXXXX.corrupt`` (never loaded, counted by
+keep_last or pruned again).
 """
 from __future__ import annotations
 
@@ -26,11 +28,16 @@ from torch.distributed.checkpoint.api import CheckpointException  # a BaseExcept
 
 MANIFEST = "manifest.json"
 _CHUNK = 4 << 20
+ALLOW_KEY = "checkpoint.allow_unverified"
 _LOW_SPACE = 64 << 20  # bytes free below which a write failure without an errno is reported as a full disk
 
 
 class CheckpointWriteError(RuntimeError):
     """Writing a checkpoint failed; the message names the path and the cause (no space, permission ...)."""
+
+
+class CheckpointLoadError(ValueError):
+    """A checkpoint cannot be loaded (corrupt, unverifiable, another model's); the message names it and why."""
 
 
 class NonFiniteWeights(RuntimeError):
@@ -128,28 +135,74 @@ def verify(ckpt: Path) -> Optional[list[str]]:
     return [p for part in _all_gather(_check_share(ckpt, names[rank::world], manifest)) for p in part]
 
 
-def choose_intact(candidates: list[Path], explicit: bool) -> Path:
+def _barrier() -> None:
+    if _dist()[1] > 1:
+        dist.barrier()
+
+
+def _quarantine(ckpt: Path) -> Path:
+    """Rank 0: rename a checkpoint found corrupt to `iter_XXXXXXX.corrupt[.n]`, out of reach of `latest`,
+    `keep_last` and every later resume (kept for inspection, never pruned)."""
+    target = ckpt.with_name(ckpt.name + ".corrupt")
+    n = 1
+    while target.exists():
+        n += 1
+        target = ckpt.with_name(f"{ckpt.name}.corrupt.{n}")
+    os.rename(ckpt, target)
+    return target
+
+
+def choose_intact(candidates: list[Path], explicit: bool, allow_unverified: bool = False,
+                  set_aside_corrupt: bool = False) -> Path:
     """The first of `candidates` (newest first) whose files match their manifest; warns about each one skipped.
-    With `explicit` (the user named one checkpoint directory) a corrupt one is an error instead."""
+
+    With `explicit` (the user named one checkpoint directory) a corrupt one is an error instead. Otherwise
+    (candidates of one checkpoint root), with `set_aside_corrupt` (a run resuming its own checkpoint dir, which
+    it holds locked), each corrupt one skipped is renamed `<name>.corrupt` so that neither `latest` nor
+    `keep_last` counts it again. A checkpoint without manifest.json cannot be verified: it is
+    refused (skipped in a root, not renamed) unless `allow_unverified` (checkpoint.allow_unverified)."""
     rank, _ = _dist()
-    skipped = []
+    skipped, unverified = [], []
     for ckpt in candidates:
         problems = verify(ckpt)
-        if problems is None:
+        if problems is None and allow_unverified:
             if rank == 0:
-                print(f"checkpoint {ckpt} has no {MANIFEST} (written before checksums): loading it unchecked",
+                print(f"checkpoint {ckpt} has no {MANIFEST}: loading it unchecked (checkpoint.allow_unverified=true)",
                       flush=True)
             return ckpt
+        if problems is None:
+            why = (f"checkpoint {ckpt} has no {MANIFEST} (written before checksums, or the file was removed): it "
+                   f"cannot be verified; set {ALLOW_KEY}=true to load it unchecked")
+            if explicit:
+                raise CheckpointLoadError(why)
+            unverified.append(why)
+            continue
         if not problems:
-            if skipped and rank == 0:
-                print(f"warning: the newer checkpoint(s) {', '.join(str(s) for s, _ in skipped)} are corrupt or "
-                      f"incomplete; loading {ckpt}, the newest intact one. Problems: "
-                      + "; ".join(p for _, ps in skipped for p in ps), flush=True)
+            if (skipped or unverified) and rank == 0:
+                print(f"warning: loading {ckpt}, the newest intact checkpoint; skipped: "
+                      + "; ".join(unverified + [p for _, ps in skipped for p in ps]), flush=True)
+            if set_aside_corrupt:
+                _set_aside_corrupt(skipped, rank)
             return ckpt
         if explicit:
-            raise ValueError(f"checkpoint {ckpt} is corrupt or incomplete: " + "; ".join(problems))
+            raise CheckpointLoadError(f"checkpoint {ckpt} is corrupt or incomplete: " + "; ".join(problems))
         skipped.append((ckpt, problems))
-    raise ValueError("no intact checkpoint: " + "; ".join(p for _, ps in skipped for p in ps))
+    if set_aside_corrupt:
+        _set_aside_corrupt(skipped, rank)
+    raise CheckpointLoadError("no intact checkpoint: " + "; ".join(unverified + [p for _, ps in skipped for p in ps]))
+
+
+def _set_aside_corrupt(skipped: list, rank: int) -> None:
+    if rank == 0:
+        for ckpt, _ in skipped:
+            try:
+                moved = _quarantine(ckpt)
+            except OSError as exc:
+                print(f"warning: could not rename the corrupt checkpoint {ckpt} ({exc})", flush=True)
+            else:
+                print(f"warning: the corrupt checkpoint {ckpt} is renamed {moved.name} (kept for inspection; "
+                      f"neither latest nor checkpoint.keep_last counts it; delete it when done)", flush=True)
+    _barrier()
 
 
 def check_finite(model_chunks: list, step: int, root: Path) -> None:

@@ -29,6 +29,7 @@ than the others runs filler microbatches (zero loss) so that every rank takes pa
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -475,14 +476,20 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def save(self, ckpt_root, step: int, run_state: dict, keep_last: Optional[int] = None) -> Path:
-        """Atomic checkpoint of weights, optimizer, LR schedule and `run_state` (see checkpoint.save)."""
+        """Atomic checkpoint of weights, optimizer, LR schedule and `run_state` (see checkpoint.save); keep_last
+        pruning never removes checkpoint.load (a run never deletes what it was asked to read)."""
         return checkpoint.save(ckpt_root, step, self.model_chunks, self.optimizer, self.scheduler, run_state,
-                               keep_last=keep_last)
+                               keep_last=keep_last, model_config=dataclasses.asdict(self.cfg.model),
+                               protect=self.cfg.checkpoint.load)
 
     def load(self, path, weights_only: bool = False) -> dict:
-        """Load `path` (a checkpoint root -> its latest, or one iter_* dir); returns the saved run state."""
+        """Load `path` (a checkpoint root -> its latest intact one, or one iter_* dir); returns the saved run
+        state. checkpoint.allow_unverified admits a checkpoint without manifest.json. A full load (a resume of
+        this run's checkpoint dir) renames the corrupt checkpoints it skips `*.corrupt`; weights_only does not."""
         state = checkpoint.load(path, self.model_chunks, None if weights_only else self.optimizer,
-                                None if weights_only else self.scheduler)
+                                None if weights_only else self.scheduler,
+                                allow_unverified=self.cfg.checkpoint.allow_unverified,
+                                model_config=dataclasses.asdict(self.cfg.model), set_aside_corrupt=not weights_only)
         if weights_only:
             self.reload_main_params()
         else:

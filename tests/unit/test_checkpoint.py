@@ -200,14 +200,16 @@ def test_corrupt_latest_is_reported_and_the_newest_intact_one_loaded(pstate, tmp
     bad_file = damage(tmp_path / "iter_0000002")
     capsys.readouterr()
     fresh = make_trainer(pstate, seed=5)
+    with pytest.raises(ValueError, match=f"checkpoint {tmp_path / 'iter_0000002'} is corrupt.*{bad_file.name}"):
+        fresh.load(tmp_path / "iter_0000002")  # named explicitly: no silent substitute
+    assert (tmp_path / "iter_0000002").is_dir()  # and the user's own pick is not renamed
     state = fresh.load(tmp_path)
     out = capsys.readouterr().out
     assert state["step"] == 1 and state["checkpoint"] == str(tmp_path / "iter_0000001")
     assert "warning" in out and str(bad_file) in out and str(tmp_path / "iter_0000001") in out, out
     for x, y in zip(params(fresh), first):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
-    with pytest.raises(ValueError, match=f"checkpoint {tmp_path / 'iter_0000002'} is corrupt.*{bad_file.name}"):
-        fresh.load(tmp_path / "iter_0000002")  # named explicitly: no silent substitute
+    assert (tmp_path / "iter_0000002.corrupt").is_dir() and checkpoint.latest(tmp_path) == tmp_path / "iter_0000001"
 
 
 def test_no_intact_checkpoint_names_every_corrupt_file(pstate, tmp_path):
@@ -218,15 +220,90 @@ def test_no_intact_checkpoint_names_every_corrupt_file(pstate, tmp_path):
     assert str(a) in str(err.value) and str(b) in str(err.value)
 
 
-def test_checkpoint_without_manifest_loads_unchecked_and_unreadable_files_are_named(pstate, tmp_path, capsys):
+def _unverified(pstate):
+    t = make_trainer(pstate, seed=5)
+    t.cfg.checkpoint.allow_unverified = True
+    return t
+
+
+def test_checkpoint_without_manifest_is_refused_unless_allowed_and_unreadable_files_are_named(pstate, tmp_path,
+                                                                                             capsys):
     t = make_trainer(pstate, seed=1)
     ckpt = t.save(tmp_path, 1, {"step": 1})
     (ckpt / "manifest.json").unlink()  # as written before checksums existed
-    assert make_trainer(pstate, seed=5).load(tmp_path)["step"] == 1
-    assert "no manifest.json" in capsys.readouterr().out
+    for path in (tmp_path, ckpt):
+        with pytest.raises(ckpt_integrity.CheckpointLoadError) as err:
+            make_trainer(pstate, seed=5).load(path)
+        assert f"checkpoint {ckpt} has no manifest.json" in str(err.value)
+        assert "set checkpoint.allow_unverified=true" in str(err.value)
+    assert ckpt.is_dir()  # refused, not renamed: it is unverifiable, not known to be corrupt
+    assert _unverified(pstate).load(tmp_path)["step"] == 1
+    assert "no manifest.json: loading it unchecked (checkpoint.allow_unverified=true)" in capsys.readouterr().out
     (ckpt / "run_state.pt").write_bytes(b"")
     with pytest.raises(ValueError, match=f"{ckpt / 'run_state.pt'} is unreadable"):
-        make_trainer(pstate, seed=5).load(tmp_path)
+        _unverified(pstate).load(tmp_path)
+
+
+def test_a_deleted_manifest_does_not_let_corrupt_weights_load(pstate, tmp_path, capsys):
+    first = _two_checkpoints(pstate, tmp_path)
+    _garbage_inside_distcp(tmp_path / "iter_0000002")
+    (tmp_path / "iter_0000002" / "manifest.json").unlink()
+    fresh = make_trainer(pstate, seed=5)
+    assert fresh.load(tmp_path)["step"] == 1  # --resume: the newest checkpoint that can be verified
+    out = capsys.readouterr().out
+    assert f"checkpoint {tmp_path / 'iter_0000002'} has no manifest.json" in out and "allow_unverified" in out
+    for x, y in zip(params(fresh), first):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def test_keep_last_never_counts_a_checkpoint_found_corrupt(pstate, tmp_path, capsys):
+    t = make_trainer(pstate, seed=1)
+    for s in (2, 4):
+        t.save(tmp_path, s, {"step": s}, keep_last=2)
+    _truncate_distcp(tmp_path / "iter_0000004")
+    resumed = make_trainer(pstate, seed=5)
+    assert resumed.load(tmp_path)["step"] == 2  # the corrupt latest is skipped ...
+    assert "renamed iter_0000004.corrupt" in capsys.readouterr().out
+    resumed.save(tmp_path, 3, {"step": 3}, keep_last=2)  # ... and never counted by keep_last again
+    assert [p.name for _, p in checkpoint.complete_checkpoints(tmp_path)] == ["iter_0000002", "iter_0000003"]
+    assert (tmp_path / "iter_0000004.corrupt").is_dir()  # kept for inspection, never pruned
+    resumed.save(tmp_path, 4, {"step": 4}, keep_last=2)
+    assert [p.name for _, p in checkpoint.complete_checkpoints(tmp_path)] == ["iter_0000003", "iter_0000004"]
+    assert make_trainer(pstate, seed=6).load(tmp_path)["step"] == 4
+
+
+def test_latest_pointing_outside_the_checkpoint_dir_is_ignored(pstate, tmp_path, capsys):
+    mine, other = tmp_path / "run" / "checkpoints", tmp_path / "other" / "checkpoints"
+    t = make_trainer(pstate, seed=1)
+    t.save(mine, 2, {"step": 2, "run": "mine"})
+    t.save(other, 4, {"step": 4, "run": "other"})
+    (mine / "latest").write_text("../../other/checkpoints/iter_0000004\n")
+    assert checkpoint.latest(mine) == mine / "iter_0000002"
+    assert "not a checkpoint directory of" in capsys.readouterr().out
+    assert make_trainer(pstate, seed=5).load(mine)["run"] == "mine"
+    (mine / "iter_0000009").symlink_to(other / "iter_0000004")  # a symlink out of the run is not its checkpoint
+    (mine / "latest").write_text("iter_0000009\n")
+    assert checkpoint.latest(mine) == mine / "iter_0000002"
+    assert [s for s, _ in checkpoint.complete_checkpoints(mine)] == [2]
+    assert make_trainer(pstate, seed=5).load(mine)["run"] == "mine"
+
+
+def test_a_checkpoint_of_another_model_names_the_checkpoint_the_tensor_and_the_setting(pstate, tmp_path):
+    ckpt = make_trainer(pstate, seed=1).save(tmp_path, 1, {"step": 1})
+    other = Config()
+    other.model = ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=48, num_attention_heads=4,
+                              num_query_groups=2, max_position_embeddings=32, make_vocab_size_divisible_by=8,
+                              tie_word_embeddings=True, dtype="fp32")
+    other.optim = OptimConfig(lr=1e-2)
+    other.train.micro_batch_size, other.train.num_steps, other.rollout.num_samples = 2 * K, 8, K
+    wider = Trainer(other, build_model(other.model, other.parallel, VOCAB), pstate, VOCAB)
+    for weights_only in (False, True):
+        with pytest.raises(ckpt_integrity.CheckpointLoadError) as err:  # an Exception, not megatron's BaseException
+            wider.load(tmp_path, weights_only=weights_only)
+        text = str(err.value)
+        assert f"checkpoint {ckpt} holds another model" in text, text
+        assert "embedding.word_embeddings.weight: shape [56, 32] in the checkpoint, [56, 64] in this model" in text
+        assert "model.hidden_size: 32 in the checkpoint, 64 in this run" in text
 
 
 def test_nonfinite_weights_are_never_written_nor_made_latest(pstate, tmp_path):
@@ -306,3 +383,24 @@ def test_a_real_full_disk_names_the_path_and_keeps_the_previous_checkpoint(pstat
         assert make_trainer(pstate, seed=5).load(disk)["step"] == 1
     finally:
         subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_keep_last_never_prunes_the_checkpoint_the_run_was_told_to_load(pstate, tmp_path):
+    t = make_trainer(pstate, seed=1)
+    t.save(tmp_path, 1, {"step": 1})
+    t.cfg.checkpoint.load = str(tmp_path / "iter_0000001")  # e.g. the reference weights of an online_dpo run
+    for s in range(2, 5):
+        t.save(tmp_path, s, {"step": s}, keep_last=2)
+    assert [s for s, _ in checkpoint.complete_checkpoints(tmp_path)] == [1, 3, 4]
+    t.cfg.checkpoint.load = None
+    t.save(tmp_path, 5, {"step": 5}, keep_last=2)
+    assert [s for s, _ in checkpoint.complete_checkpoints(tmp_path)] == [4, 5]
+
+
+def test_a_weights_only_load_reads_without_renaming_anything(pstate, tmp_path):
+    """checkpoint.load of another run's root (or an exporter) only reads: a corrupt checkpoint there is skipped,
+    not renamed; only a resume of the run's own, locked checkpoint dir sets it aside."""
+    _two_checkpoints(pstate, tmp_path)
+    _truncate_distcp(tmp_path / "iter_0000002")
+    assert make_trainer(pstate, seed=5).load(tmp_path, weights_only=True)["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000001", "iter_0000002", "latest"]

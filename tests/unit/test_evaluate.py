@@ -209,3 +209,44 @@ def test_training_evaluates_every_n_steps_and_at_the_last_step(monkeypatch):
     assert steps == [4, 8, 10] and [s for s, m in got.items() if m] == [4, 8, 10]
     cfg.eval.every = 0
     assert maybe_evaluate(run, 10) == {} and steps == [4, 8, 10]
+
+
+def _summary_steps(root, name="summary.jsonl"):
+    return [json.loads(line)["step"] for line in (root / name).read_text().splitlines()]
+
+
+def test_summary_is_keyed_by_step_and_reconciled_on_resume_and_fresh_start(tmp_path, capsys):
+    """The report's case: evaluations at 5, 10, 12, then a resume from step 10's checkpoint re-runs step 12
+    (and a step evaluated twice must not appear twice); a fresh start keeps an old summary aside."""
+    pytest.importorskip("megatron_rence.rollout.types")
+    from megatron_rence.evaluate import evaluate, reconcile_summary
+
+    tok, data_cfg, bench, script = _toy_benchmark(tmp_path)
+    eval_cfg = EvalConfig(benchmarks=[BenchmarkConfig(name="toy", path=str(bench))], num_samples=4)
+    root = tmp_path / "eval"
+    with RewardPool(RewardConfig(num_workers=0)) as pool:
+        for step in (5, 10, 12):
+            evaluate(ScriptedEngine(script), tok, eval_cfg, data_cfg, pool, root, step=step)
+        assert _summary_steps(root) == [5, 10, 12]
+        reconcile_summary(root, resume_step=10)  # --resume from step 10
+        assert _summary_steps(root) == [5, 10] and not (root / "step_000012").exists()
+        assert (root / "step_000010").is_dir() and "dropped 1 line(s) after step 10" in capsys.readouterr().out
+        evaluate(ScriptedEngine(script), tok, eval_cfg, data_cfg, pool, root, step=10)  # step 10 once more
+        evaluate(ScriptedEngine(script), tok, eval_cfg, data_cfg, pool, root, step=12)
+        assert _summary_steps(root) == [5, 10, 12]
+        reconcile_summary(root, resume_step=None)  # a fresh run in this run dir (no checkpoint to resume)
+        assert not (root / "summary.jsonl").exists() and _summary_steps(root, "summary.jsonl.1") == [5, 10, 12]
+        evaluate(ScriptedEngine(script), tok, eval_cfg, data_cfg, pool, root, step=5)
+        assert _summary_steps(root) == [5]
+        evaluate(ScriptedEngine(script), tok, eval_cfg, data_cfg, pool, root)  # standalone (step None): appended
+        evaluate(ScriptedEngine(script), tok, eval_cfg, data_cfg, pool, root)
+        assert _summary_steps(root) == [5, None, None]
+
+
+def test_summary_with_a_torn_last_line_is_repaired_not_appended_to(tmp_path):
+    from megatron_rence.evaluate import write_summary_line
+
+    (tmp_path / "summary.jsonl").write_text('{"step": 1, "eval/avg@4": 0.5}\n{"step": 2, "eval/av')
+    write_summary_line(tmp_path, 2, {"eval/avg@4": 0.75})
+    assert [json.loads(line) for line in (tmp_path / "summary.jsonl").read_text().splitlines()] == [
+        {"step": 1, "eval/avg@4": 0.5}, {"step": 2, "eval/avg@4": 0.75}]

@@ -132,3 +132,42 @@ def test_end_of_run_summary_reports_skipped_steps_a_collapse_and_the_data_counts
            "data.max_record_bytes=1048576, 3 malformed (data.skip_malformed)" in text
     history[-1]["train/grad_norm"] = 0.1
     assert "collapsed" not in summary(cfg, history)
+
+
+class _State:
+    """The dataset / objective side of a checkpoint: whatever state_dict it gave comes back on load."""
+
+    def __init__(self, state=None):
+        self.state = dict(state or {})
+
+    def state_dict(self):
+        return dict(self.state)
+
+    def load_state_dict(self, state):
+        self.state = dict(state)
+
+
+def test_nonfinite_counters_are_checkpointed_and_continue_after_a_resume(pstate, tmp_path):
+    """Two skipped steps in a row, a checkpoint, a resume, one more skipped step: the run stops at
+    max_nonfinite_steps=3 and the total says 3, as it would have without the interruption."""
+    from types import SimpleNamespace
+
+    from megatron_rence import train
+
+    trainer = make_trainer(pstate)
+    cfg = trainer.cfg
+    cfg.train.run_dir, cfg.train.max_nonfinite_steps = str(tmp_path), 3
+    health = RunHealth(max_nonfinite_steps=3)
+    for step in (1, 2):
+        health.observe(step, {"train/nonfinite_steps": 1.0, "loss/total": float("nan")})
+    run = SimpleNamespace(cfg=cfg, trainer=trainer, dataset=_State({"index": 2}), objective=_State(), health=health,
+                          pstate=pstate)
+    train.save(run, 2)
+    resumed = RunHealth(max_nonfinite_steps=3)
+    step, loaded = train.resume_from(tmp_path / "checkpoints", cfg, trainer, None, _State(), _State(), resumed)
+    assert (step, loaded) == (2, str(tmp_path / "checkpoints" / "iter_0000002"))
+    metrics = {"train/nonfinite_steps": 1.0, "loss/total": float("nan")}
+    resumed.observe(3, metrics)
+    assert metrics["train/nonfinite_steps_total"] == 3.0
+    with pytest.raises(NonFiniteTraining, match="step 3: .*3 optimizer steps in a row"):
+        resumed.stop_if_diverged()
