@@ -265,7 +265,8 @@ def test_order_check_catches_a_phase_that_starts_early():
                                                        *ordered[1]["offload"][2:]])}
     assert order_violations(overlap) == []
     early = {**ordered, 1: timeline(False, True)}
-    assert order_violations(early) == ["group [0, 1]: restore#0 began on rank 1 0.50 s before release#1 ended on rank 0"]
+    assert order_violations(early) == [
+        "group [0, 1]: restore#0 began on rank 1 0.50 s before release#1 ended on rank 0"]
     late_trainer = {**ordered, 3: dict(ordered[3], trainer=[(1.5, 3.0)])}
     assert order_violations(late_trainer) == [
         "rank 3 began building its trainer 0.50 s before engine owner 0 finished starting and releasing its engine",
