@@ -20,6 +20,7 @@ import json
 import os
 import pickle
 import time
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -205,12 +206,17 @@ def order_violations(events: dict[int, dict]) -> list[str]:
                 problems.append(f"rank {rank} began building its trainer {t_released - built:.2f} s before "
                                 f"engine owner {owner} finished starting and releasing its engine")
     sequence = SETUP + SYNC + STEP * NUM_STEPS
+    runs_on, totals = dict(sequence), Counter(name for name, _ in sequence)
     for group in GROUPS:
-        seen: dict[str, int] = {}
+        for rank in group:  # every phase was recorded as often as the protocol runs it: nothing vacuous
+            expected = {name: n for name, n in totals.items() if rank == group[0] or runs_on[name] == ALL}
+            counts = {name: len(events[rank].get(name, [])) for name in expected}
+            assert counts == expected, f"rank {rank}: recorded {counts}, expected {expected}"
+        seen: Counter = Counter()
         blocks: list[list] = []  # runs of consecutive engine (owner) or trainer (all ranks) phases
         for name, who in sequence:
-            k = seen.get(name, 0)
-            seen[name] = k + 1
+            k = seen[name]
+            seen[name] += 1
             ranks = group if who == ALL else group[:1]
             phase = [(f"{name}#{k}", r, *events[r][name][k]) for r in ranks]
             if blocks and blocks[-1][0] == who:
@@ -223,11 +229,6 @@ def order_violations(events: dict[int, dict]) -> list[str]:
             if first[2] < last[3]:
                 problems.append(f"group {group}: {first[0]} began on rank {first[1]} {last[3] - first[2]:.2f} s "
                                 f"before {last[0]} ended on rank {last[1]}")
-        for rank in group:  # every phase was recorded as often as the protocol runs it: nothing vacuous
-            counts = {name: len(events[rank].get(name, [])) for name, who in seen.items()
-                      if rank == group[0] or dict(sequence)[name] == ALL}
-            expected = {name: n for name, n in seen.items() if rank == group[0] or dict(sequence)[name] == ALL}
-            assert counts == expected, f"rank {rank}: recorded {counts}, expected {expected}"
     return problems
 
 
@@ -264,7 +265,8 @@ def test_order_check_catches_a_phase_that_starts_early():
                                                        *ordered[1]["offload"][2:]])}
     assert order_violations(overlap) == []
     early = {**ordered, 1: timeline(False, True)}
-    assert order_violations(early) == ["group [0, 1]: restore#0 began on rank 1 0.50 s before release#1 ended on rank 0"]
+    assert order_violations(early) == [
+        "group [0, 1]: restore#0 began on rank 1 0.50 s before release#1 ended on rank 0"]
     late_trainer = {**ordered, 3: dict(ordered[3], trainer=[(1.5, 3.0)])}
     assert order_violations(late_trainer) == [
         "rank 3 began building its trainer 0.50 s before engine owner 0 finished starting and releasing its engine",
