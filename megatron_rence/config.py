@@ -225,6 +225,11 @@ class TrainConfig:
     # released its memory (gradients and optimizer state always leave the GPU during rollout:
     # megatron/offload.py); frees params bytes per GPU for the KV cache at the cost of two copies per step
     offload_params: bool = False
+    # move the optimizer state (fp32 main params + Adam moments) to CPU for rollout and back for training
+    # (megatron's offload_to_cpu, pageable host memory: two host copies per step); false keeps it on the GPU
+    # when rence-plan shows the rollout still fits (recipes/rence_70b.yaml), which takes both copies out of the
+    # weight-sync phase (docs/performance.md). Gradient buffers are always freed (nothing is copied)
+    offload_optimizer: bool = True
     # an optimizer step whose loss or gradient norm is not finite is skipped (train/nonfinite_steps); this many
     # such steps in a row stop the run with an error naming the metric and step
     max_nonfinite_steps: int = 3
@@ -249,6 +254,9 @@ class TrainConfig:
 @dataclass
 class WeightsConfig:
     bucket_bytes: int = 512 * 1024 * 1024  # full-size bytes per sync bucket
+    # start the exchange and TP all-gathers of bucket i + 1 before handing bucket i to the engine, so the
+    # collectives run while the engine loads (weights/sync.py); costs one more bucket of gather buffers
+    overlap_gather: bool = True
 
 
 @dataclass

@@ -2,8 +2,9 @@
 
 One colocated step (train.py; DESIGN.md "One training step") uses it in this order::
 
-    handoff.offload()          grad buffers freed, optimizer state + fp32 main params -> CPU; gc, empty_cache,
-                               ipc_collect                                   (before the engine resumes weights)
+    handoff.offload()          grad buffers freed, optimizer state + fp32 main params -> CPU (unless
+                               train.offload_optimizer=false: they stay); gc, empty_cache, ipc_collect
+                                                                             (before the engine resumes weights)
     engine.resume_memory(["weights"]); weight sync                           (reads the trainer's parameters)
     handoff.offload_params()   train.offload_params: parameters -> CPU; gc, empty_cache, ipc_collect (always)
     engine.resume_memory(["kv_cache"]); engine.generate(...); engine.release_memory()
@@ -94,11 +95,14 @@ class MemoryHandoff:
 
     trainer: the policy `Trainer` (DDP chunks in `.model`, megatron optimizer in `.optimizer`);
     ref_trainer: the frozen reference or None (its parameters move only with `offload_params`);
-    offload_params: `train.offload_params`. Calls are idempotent: offloading twice moves nothing the second time.
+    offload_params: `train.offload_params`; offload_optimizer: `train.offload_optimizer` (False: the optimizer
+    state stays on the GPU, only the gradient buffers are freed). Calls are idempotent: offloading twice moves
+    nothing the second time.
     """
 
-    def __init__(self, trainer, ref_trainer=None, offload_params: bool = False):
+    def __init__(self, trainer, ref_trainer=None, offload_params: bool = False, offload_optimizer: bool = True):
         self.trainer, self.ref_trainer, self.move_params = trainer, ref_trainer, offload_params
+        self.move_optimizer = offload_optimizer
         self.state_offloaded = False
         self.params_offloaded = False
         self._cpu_params: list[tuple[torch.Tensor, torch.Tensor, torch.device]] = []  # (param, cpu copy, device)
@@ -113,13 +117,14 @@ class MemoryHandoff:
             metrics.update(self._restore_params())
         if not self.state_offloaded:
             grad_bytes = _grad_buffer_bytes(self.trainer.model)
-            opt_bytes = _optimizer_gpu_bytes(self.trainer.optimizer)
+            opt_bytes = _optimizer_gpu_bytes(self.trainer.optimizer) if self.move_optimizer else 0
             # drop the main params' .grad (views into the grad buffers) before their .data moves: the next step
             # zeroes the gradients anyway
             self.trainer.optimizer.zero_grad(set_to_none=True)
             for chunk in self.trainer.model:
                 chunk.offload_grad_buffers(synchronize=True, empty_cache=False)
-            self.trainer.optimizer.offload_to_cpu()
+            if self.move_optimizer:
+                self.trainer.optimizer.offload_to_cpu()
             self.state_offloaded = True
             metrics["memory/grad_buffers_freed_gib"] = (grad_bytes - _grad_buffer_bytes(self.trainer.model)) / GiB
             metrics["memory/optimizer_offloaded_gib"] = opt_bytes / GiB
@@ -147,7 +152,8 @@ class MemoryHandoff:
         t0 = time.perf_counter()
         metrics = self._restore_params() if self.params_offloaded else {}
         if self.state_offloaded:
-            self.trainer.optimizer.restore_from_cpu()
+            if self.move_optimizer:
+                self.trainer.optimizer.restore_from_cpu()
             for chunk in self.trainer.model:
                 chunk.restore_grad_buffers(synchronize=True)
             self.state_offloaded = False
