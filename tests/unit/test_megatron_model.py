@@ -198,3 +198,34 @@ def test_local_norm_takes_the_params_dtype():
 
     norm = LocalRMSNorm(types.SimpleNamespace(params_dtype=torch.bfloat16, sequence_parallel=True), 8, eps=1e-6)
     assert norm.weight.dtype == torch.bfloat16 and norm.weight.sequence_parallel and norm.eps == 1e-6
+
+
+def test_gpu_fusions_follow_what_imports():
+    """On a GPU with Transformer Engine: fused RoPE (no per-layer cu_seqlens .tolist() in the THD path) and fused
+    wgrad accumulation when megatron's extension for its own output layer imports too; without TE, neither."""
+    from megatron_rence.megatron.model import gpu_fusions, local_thd_offsets_on_host
+
+    assert gpu_fusions(te=True, grad_accum_extension=True) == dict(apply_rope_fusion=True,
+                                                                   gradient_accumulation_fusion=True)
+    assert gpu_fusions(te=True, grad_accum_extension=False) == dict(apply_rope_fusion=True,
+                                                                    gradient_accumulation_fusion=False)
+    assert gpu_fusions(te=False, grad_accum_extension=True) == {}
+    assert not local_thd_offsets_on_host(False)  # CPU: host and device are one
+    config = transformer_config(ModelConfig(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
+                                            num_query_groups=2), ParallelConfig(), use_cuda=False)
+    assert not config.apply_rope_fusion and not config.gradient_accumulation_fusion
+
+
+def test_gpu_transformer_config_turns_the_fusions_on_with_te(monkeypatch):
+    """transformer_config(use_cuda=True) takes gpu_fusions' fields (TE and the extension faked present: the
+    config's own checks import TE's fused RoPE, so megatron's module-level name is set for the check)."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    from megatron_rence.megatron import model as model_module
+
+    monkeypatch.setattr(model_module, "te_available", lambda: True)
+    monkeypatch.setattr(model_module, "grad_accum_extension_available", lambda: True)
+    monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb_thd", object())
+    config = transformer_config(ModelConfig(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
+                                            num_query_groups=2, dtype="bf16"), ParallelConfig(), use_cuda=True)
+    assert config.apply_rope_fusion and config.gradient_accumulation_fusion
