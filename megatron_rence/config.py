@@ -124,6 +124,13 @@ class SGLangConfig:
     # engine is restarted (max_restarts). Keep it, plus an engine restart, under the 30-min collective timeout
     # the other ranks wait in.
     request_timeout_s: float = 900.0
+    # SGLang's flush_cache fails while the scheduler still holds a batch (its overlap scheduler keeps the
+    # last finished one for a moment after generate returns): retried for up to this long, then an error
+    # naming the requests still pending
+    flush_timeout_s: float = 60.0
+    # SGLang's enable_deterministic_inference: batch-invariant kernels and per-request sampling seeds (without
+    # it SGLang ignores the seed, so a resumed run does not draw the same samples); GPU attention backends only
+    deterministic_inference: bool = False
 
 
 @dataclass
@@ -334,6 +341,7 @@ _MINIMUMS = {
     "eval.every": 0, "eval.num_samples": 1, "eval.max_new_tokens": 1, "eval.prompts_per_batch": 1,
 }
 _POSITIVE = ["reward.timeout_s", "rollout.sglang.health_poll_s", "rollout.sglang.request_timeout_s",
+             "rollout.sglang.flush_timeout_s",
              "rollout.sglang.mem_fraction_static", "model.norm_epsilon", "model.rotary_base"]
 
 
