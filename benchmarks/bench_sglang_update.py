@@ -5,8 +5,8 @@
 
 (`bash tools/setup_sglang_env.sh` builds .venv-sglang; on CPU the test-only import shims of
 tests/sglang_shims go on the path, as in the `sglang` test tier.) A Llama-shaped model directory is written
-(random weights, the synthetic tokenizer), SGLang 0.5.5.post3's `sglang.Engine` starts on it with dummy
-weights, and buckets of the model's own HF tensors of each size go through our adapter
+(random weights, the synthetic tokenizer) and our adapter starts SGLang 0.5.5.post3's `sglang.Engine` on it
+as train.py does (`SGLangEngine.from_config`, dummy weights); buckets of the model's own HF tensors of each size go through our adapter
 (`rollout.sglang_engine.SGLangEngine.update_weights`: split by dtype, flatten, SGLang's payload and
 MultiprocessingSerializer, then `UpdateWeightsFromTensorReqInput(load_format="flattened_bucket")` to the
 tokenizer manager -> ZMQ -> scheduler -> TP worker -> model runner: rebuild the flattened bucket and
@@ -51,23 +51,51 @@ def _shims_on_path(device: str) -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (shims, os.environ.get("PYTHONPATH")) if p)
 
 
-def write_model(path: Path, layers: int, hidden: int, ffn: int) -> dict[str, torch.Tensor]:
-    """A Llama model directory (config, tokenizer) and its random fp32 HF tensors in checkpoint order."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def free_port() -> int:
+    """A free TCP port whose successor is free too (SGLang's NCCL / gloo port is base_port + 1)."""
+    import socket
 
+    for _ in range(50):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+        with socket.socket() as b:
+            try:
+                b.bind(("127.0.0.1", port + 1))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no free port pair")
+
+
+def make_engine(args, run_dir: Path):
+    """Our adapter as train.py builds it (SGLangEngine.from_config) on a Llama shape, and that model's HF
+    tensors (random, fp32, checkpoint order) to push."""
+    from transformers import LlamaForCausalLM
+
+    from megatron_rence.config import Config, ModelConfig
     from megatron_rence.data.tokenizer import build_synthetic_tokenizer
+    from megatron_rence.rollout.sglang_engine import SGLangEngine
+    from megatron_rence.weights.hf_config import to_hf_config
 
+    cfg = Config()
+    cfg.model = ModelConfig(arch="llama", tokenizer="synthetic", num_layers=args.layers, hidden_size=args.hidden,
+                            ffn_hidden_size=args.ffn, num_attention_heads=args.hidden // 64,
+                            num_query_groups=args.hidden // 128, max_position_embeddings=256, dtype="fp32")
+    cfg.train.device, cfg.train.run_dir = args.device, str(run_dir)
+    s = cfg.rollout.sglang
+    s.enable_memory_saver, s.base_port, s.request_timeout_s = False, free_port(), 1200.0
+    s.mem_fraction_static = 0.05 if args.device == "cpu" else 0.3
+    s.extra_args = {"max_total_tokens": "4096"}
+    if args.device == "cpu":
+        s.extra_args["disable_overlap_schedule"] = "true"
     tokenizer = build_synthetic_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=ffn,
-                         num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 128,
-                         max_position_embeddings=256, rope_theta=10000.0, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, architectures=["LlamaForCausalLM"],
-                         torch_dtype="float32", tie_word_embeddings=False)
-    config.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    hf_config = to_hf_config(cfg.model, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    return {name: t.detach().clone() for name, t in model.state_dict().items()}
+    tensors = {n: t.detach().clone() for n, t in LlamaForCausalLM(hf_config).state_dict().items()}
+    if hf_config.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    return SGLangEngine.from_config(cfg, hf_config, tokenizer), tensors
 
 
 def buckets_of(tensors: dict[str, torch.Tensor], size: int) -> list[list[tuple[str, torch.Tensor]]]:
@@ -132,24 +160,17 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     _shims_on_path(args.device)
-    from megatron_rence.rollout.sglang_engine import SGLangEngine
     from megatron_rence.rollout.sglang_transport import sglang_serialize
 
-    model_dir = Path(tempfile.mkdtemp(prefix="bench_sglang_update_"))
-    tensors = write_model(model_dir, args.layers, args.hidden, args.ffn)
+    t0 = time.perf_counter()
+    engine, tensors = make_engine(args, Path(tempfile.mkdtemp(prefix="bench_sglang_update_")))
+    print(f"engine started in {time.perf_counter() - t0:.1f} s", flush=True)
     if args.device == "cuda":
         tensors = {n: t.cuda() for n, t in tensors.items()}
     total_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     print(f"model: {args.layers} layers, hidden {args.hidden}, ffn {args.ffn}: {len(tensors)} tensors, "
-          f"{total_bytes / 1e6:.1f} MB fp32; device {args.device}, torch threads {torch.get_num_threads()}")
-    kwargs = dict(model_path=str(model_dir), tokenizer_path=str(model_dir), load_format="dummy", dtype="float32",
-                  tp_size=1, device=args.device, mem_fraction_static=0.05 if args.device == "cpu" else 0.3,
-                  random_seed=0, log_level="error", skip_server_warmup=True, disable_cuda_graph=True)
-    if args.device == "cpu":
-        kwargs.update(disable_overlap_schedule=True, sleep_on_idle=True)
-    t0 = time.perf_counter()
-    engine = SGLangEngine(kwargs)
-    print(f"engine started in {time.perf_counter() - t0:.1f} s")
+          f"{total_bytes / 1e6:.1f} MB fp32; device {args.device}, torch threads {torch.get_num_threads()}",
+          flush=True)
     rows, version = [], 0
     try:
         for mb in args.sizes_mb:
@@ -168,7 +189,7 @@ def main(argv=None) -> int:
             rows.append({"mb": nbytes / 1e6, "tensors": len(bucket), "total_s": total, "ours_s": our,
                          "sglang_s": total - our})
             print(f"bucket {nbytes / 1e6:8.2f} MB, {len(bucket):3d} tensors: total {total * 1e3:8.2f} ms  ours "
-                  f"{our * 1e3:7.2f} ms  sglang {(total - our) * 1e3:8.2f} ms  (median of {args.repeats})")
+                  f"{our * 1e3:7.2f} ms  sglang {(total - our) * 1e3:8.2f} ms  (median of {args.repeats})", flush=True)
         for bucket in buckets_of(tensors, 64 * 10**6):  # every tensor once, then check one came through
             engine.update_weights(bucket, version + 1)
         name = "model.layers.0.mlp.down_proj.weight"

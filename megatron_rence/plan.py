@@ -277,7 +277,7 @@ def add_rate_args(parser) -> None:
     parser.add_argument("--hbm-copy-gbps", type=float, default=Bandwidth.hbm_gbps,
                         help="device-to-device copy GB/s (default: H100 HBM3 3.35 TB/s / 2)")
     parser.add_argument("--host-pageable-gbps", type=float, default=PhaseRates.host_pageable_gbps,
-                        help="GPU <-> pageable host memory GB/s, the optimizer offload (default: an assumption)")
+                        help="GPU <-> pageable host memory GB/s, train.offload_params (default: an assumption)")
     parser.add_argument("--bucket-overhead-ms", type=float, default=PhaseRates.bucket_fixed_s * 1e3,
                         help="fixed ms per flattened bucket handed to SGLang (default: measured on CPU, a floor)")
     parser.add_argument("--engine-resume-s", type=float, default=PhaseRates.engine_resume_s,

@@ -4,8 +4,9 @@
 module adds everything else a step pays between the optimizer step and the next rollout, in the order of
 train.py (``sync_weights`` and the hand-off of megatron/offload.py), for the slowest GPU::
 
-    trainer_offload   optimizer state -> host (megatron's offload_to_cpu: pageable ``.cpu()``), and the
-                      parameters with train.offload_params (``.cpu().pin_memory()``: pageable too); 0 with
+    trainer_offload   optimizer state -> reusable pinned host buffers (megatron/offload.py; megatron's own
+                      offload_to_cpu copies to pageable memory), and the parameters with
+                      train.offload_params (megatron's buffer ``.cpu().pin_memory()``: a pageable copy); 0 with
                       train.offload_optimizer=false. Gradient buffers are freed, not copied.
     engine_resume     torch_memory_saver maps the engine's weights and KV cache back (an assumption: no
                       published figure; SGLang does not run on the lent GPUs)
@@ -36,7 +37,7 @@ Rates (H100 SXM defaults, each a flag of rence-plan; sources in docs/performance
   host pinned 52.8 / 35.2 GB/s        nvbandwidth device_to_host / host_to_device memcpy on H100
                                       (NVIDIA/nvbandwidth#24)
   host pageable 10 GB/s               an assumption (a pageable copy is staged through a pinned buffer by a
-                                      CPU memcpy); benchmarks/bench_host_link.py measures it on a GPU
+                                      CPU memcpy); only train.offload_params' parameters take that path
   HBM copy 1,675 GB/s                 H100 SXM HBM3 3.35 TB/s (datasheet) / 2: a copy reads and writes
 """
 from __future__ import annotations
@@ -101,16 +102,14 @@ def _is_linear(t: SyncTensor) -> bool:
     return t.tp_split and t.name.startswith("layers.") and not t.name.endswith(".bias")
 
 
-def _offload_bytes(cfg: Config, params_per_gpu: int, dp: int) -> float:
-    """Bytes per GPU the hand-off copies to the host each way (optimizer state, parameters with offload_params)."""
+def _offload_bytes(cfg: Config, params_per_gpu: int, dp: int) -> tuple[float, float]:
+    """Bytes per GPU the hand-off copies to the host each way: (optimizer state into pinned buffers,
+    parameters with train.offload_params through megatron's pageable buffer.offload_to_cpu)."""
     p, itemsize = cfg.parallel, DTYPE_BYTES[cfg.model.dtype]
-    moved = 0.0
+    opt = 0.0
     if cfg.train.offload_optimizer:
-        opt = 8 if itemsize == 4 else 12
-        moved += params_per_gpu * opt / (dp * p.cp if p.distributed_optimizer else 1)
-    if cfg.train.offload_params:
-        moved += params_per_gpu * itemsize
-    return moved
+        opt = params_per_gpu * (8 if itemsize == 4 else 12) / (dp * p.cp if p.distributed_optimizer else 1)
+    return opt, (params_per_gpu * itemsize if cfg.train.offload_params else 0.0)
 
 
 def phase_cost(cfg: Config, vocab_size: int, sync: SyncCost, tensors: list[SyncTensor], params_per_gpu: int,
@@ -138,10 +137,12 @@ def phase_cost(cfg: Config, vocab_size: int, sync: SyncCost, tensors: list[SyncT
                              "trainer_copies": (merged + engine_bytes) / copy,
                              "fp8_quantise": rates.fp8_copies * linear / copy if fp8 else 0.0,
                              "engine_load": engine_bytes / engine_tp / copy})
-    offload = _offload_bytes(cfg, params_per_gpu, dp)
-    host = rates.host_pageable_gbps  # megatron's offload_to_cpu / restore_from_cpu: .cpu() / .cuda()
+    opt, params = _offload_bytes(cfg, params_per_gpu, dp)
+    offload, page = opt + params, rates.host_pageable_gbps * 1e9
+    down = opt / (rates.host_pinned_d2h_gbps * 1e9) + params / page
+    up = opt / (rates.host_pinned_h2d_gbps * 1e9) + params / page
     grad_bytes = params_per_gpu * 4  # fp32 main-grad buffer, reallocated and zeroed
-    terms = {"trainer_offload": offload / (host * 1e9), "engine_resume": rates.engine_resume_s,
+    terms = {"trainer_offload": down, "engine_resume": rates.engine_resume_s,
              "transfers": sync.transfer_s + sync.latency_s}
     for key in ("bucket_overhead", "trainer_copies", "fp8_quantise", "engine_load"):
         terms[key] = sum(c[key] for c in consume_each)
@@ -153,9 +154,10 @@ def phase_cost(cfg: Config, vocab_size: int, sync: SyncCost, tensors: list[SyncT
     else:
         terms["overlap_saved"] = 0.0
     terms["engine_release"] = rates.engine_release_s
-    terms["trainer_restore"] = offload / (host * 1e9) + grad_bytes / (2 * copy)  # zeroing writes once
-    basis = {"trainer_offload": f"{offload / 1e9:.1f} GB per GPU at {host:g} GB/s pageable (megatron's "
-                                f"offload_to_cpu; pinned would be {rates.host_pinned_d2h_gbps:g})",
+    terms["trainer_restore"] = up + grad_bytes / (2 * copy)  # zeroing writes once
+    basis = {"trainer_offload": f"optimizer {opt / 1e9:.1f} GB per GPU to pinned buffers at "
+                                f"{rates.host_pinned_d2h_gbps:g} GB/s (nvbandwidth, H100); parameters "
+                                f"{params / 1e9:.1f} GB at {rates.host_pageable_gbps:g} GB/s pageable (assumed)",
              "engine_resume": "assumption (torch_memory_saver; unmeasured)",
              "transfers": "sync_cost: busiest rank at the all-gather bus bandwidth + inter-node NIC rate",
              "bucket_overhead": f"{calls} engine calls x {rates.bucket_fixed_s * 1e3:.1f} ms "
@@ -165,8 +167,8 @@ def phase_cost(cfg: Config, vocab_size: int, sync: SyncCost, tensors: list[SyncT
              "engine_load": f"shard of every tensor per engine GPU (tp={engine_tp}) at the HBM copy rate",
              "overlap_saved": "weights.overlap_gather: per bucket max(gather, consume)",
              "engine_release": "assumption (torch_memory_saver; unmeasured)",
-             "trainer_restore": f"{offload / 1e9:.1f} GB at {host:g} GB/s pageable (pinned would be "
-                                f"{rates.host_pinned_h2d_gbps:g}) + zeroing the fp32 grad buffer"}
+             "trainer_restore": f"optimizer at {rates.host_pinned_h2d_gbps:g} GB/s pinned, parameters at "
+                                f"{rates.host_pageable_gbps:g} GB/s + zeroing the fp32 grad buffer"}
     return PhaseCost(terms, len(buckets), calls, offload, basis)
 
 
