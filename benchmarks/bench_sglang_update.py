@@ -1,6 +1,6 @@
 """SGLang's side of a weight sync, measured on its real engine: fixed cost per bucket and cost per byte.
 
-    .venv-sglang/bin/python benchmarks/bench_sglang_update.py [--sizes-mb 0.5 2 8 32] [--repeats 5]
+    .venv-sglang/bin/python benchmarks/bench_sglang_update.py [--sizes-mb 0.002 1 8 32 64] [--repeats 7]
         [--layers 8 --hidden 512 --ffn 1536] [--device cpu|cuda] [--json OUT]
 
 (`bash tools/setup_sglang_env.sh` builds .venv-sglang; on CPU the test-only import shims of
@@ -151,8 +151,8 @@ def fp8_copies(repeats: int) -> float:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes-mb", type=float, nargs="+", default=[0.5, 2, 8, 32])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--sizes-mb", type=float, nargs="+", default=[0.002, 1, 8, 32, 64])
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--ffn", type=int, default=1536)
@@ -175,7 +175,7 @@ def main(argv=None) -> int:
     try:
         for mb in args.sizes_mb:
             buckets = buckets_of(tensors, int(mb * 1e6))
-            bucket = max(buckets[1:-1] or buckets, key=lambda b: sum(t.numel() for _, t in b))  # a full one
+            bucket = min(buckets, key=lambda b: abs(sum(t.numel() * t.element_size() for _, t in b) - mb * 1e6))
             nbytes = sum(t.numel() * t.element_size() for _, t in bucket)
             totals, ours = [], []
             engine.update_weights(bucket, version)  # warm-up

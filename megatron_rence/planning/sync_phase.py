@@ -48,9 +48,13 @@ from megatron_rence.config import Config
 from megatron_rence.planning.params import stage_params
 from megatron_rence.planning.sync_cost import DTYPE_BYTES, SyncCost, SyncTensor
 
-# benchmarks/bench_sglang_update.py on SGLang 0.5.5.post3's real engine (CPU), docs/performance.md
-BUCKET_FIXED_S = 0.020  # fixed cost per flattened bucket, SGLang side + our gather/serialise (CPU floor)
-FP8_COPIES = 6.0  # block FP8 quantisation cost in copies of the bf16 bytes (weights/quantize.py, CPU)
+# benchmarks/bench_sglang_update.py on SGLang 0.5.5.post3's real engine, CPU, 2 shared cores (docs/performance.md):
+# one update_weights call = 36.1 ms + 40.5 ms per MB (least squares over 2 KB - 63 MB buckets, run A; run B
+# minutes later at a similar load: 7.5 ms + 7.6 ms/MB). The larger intercept is taken: the CPU figure is a
+# floor for a GPU's fixed cost (which adds CUDA IPC handles), and slime's published engine-side cost on H200
+# is ~22 ms per chunk.
+BUCKET_FIXED_S = 0.036
+FP8_COPIES = 19.4  # block FP8 quantisation of a 4096 x 4096 bf16 weight = 19.4 copy_ of its bytes (same run)
 
 
 @dataclass(frozen=True)
