@@ -150,6 +150,10 @@ def fake_te(monkeypatch, version: str, public: Optional[dict] = None, legacy: Op
     for name, module in (("transformer_engine", te), ("transformer_engine.pytorch", te_pt),
                          ("transformer_engine.pytorch.fp8", te_fp8)):
         monkeypatch.setitem(sys.modules, name, module)
+    # TE >= 1.4 has fused RoPE, which megatron binds at import (rope_utils) and the config turns on with TE
+    from megatron.core.models.common.embeddings import rope_utils
+
+    monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb_thd", lambda *args, **kwargs: None)
 
 
 @pytest.mark.parametrize("recipe, fp8", [("delayed", "hybrid"), ("tensorwise", "hybrid"), ("blockwise", "e4m3")])
@@ -218,14 +222,12 @@ def test_gpu_fusions_follow_what_imports():
 
 def test_gpu_transformer_config_turns_the_fusions_on_with_te(monkeypatch):
     """transformer_config(use_cuda=True) takes gpu_fusions' fields (TE and the extension faked present: the
-    config's own checks import TE's fused RoPE, so megatron's module-level name is set for the check)."""
-    from megatron.core.models.common.embeddings import rope_utils
-
+    config's own checks import TE's fused RoPE: fake_te provides it)."""
     from megatron_rence.megatron import model as model_module
 
+    fake_te(monkeypatch, "2.9.0+abc")
     monkeypatch.setattr(model_module, "te_available", lambda: True)
     monkeypatch.setattr(model_module, "grad_accum_extension_available", lambda: True)
-    monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb_thd", object())
     config = transformer_config(ModelConfig(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
                                             num_query_groups=2, dtype="bf16"), ParallelConfig(), use_cuda=True)
     assert config.apply_rope_fusion and config.gradient_accumulation_fusion
