@@ -291,3 +291,16 @@ def test_cli_json_and_fit():
     assert data["rollout_trainer_resident_gib"] == pytest.approx(data["items"]["weights"])  # grads, optimizer off
     assert data["kv_tokens"] > 0 and data["kv_tokens_needed"] > 0 and set(data["totals_gib"]) == {"rollout", "train",
                                                                                                  "sync"}
+
+
+def test_optimizer_kept_on_the_gpu_counts_in_every_phase(tmp_path):
+    """train.offload_optimizer=false: the Adam state (12 B/param here) stays through rollout and sync."""
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    hw = Hardware(gpus_per_node=1, gpu_mem_gb=1.0, context_gb=0.0, reserve_gb=0.0, engine_residue_gb=0.0)
+    moved = memory_plan(load_recipe(tmp_path / "tiny.yaml"), hw, 100, 1, 2)
+    kept = memory_plan(load_recipe(tmp_path / "tiny.yaml", ["train.offload_optimizer=false"]), hw, 100, 1, 2)
+    rank = 2 * 104 * 64 + 2 * 61568 + 64
+    for phase in ("rollout", "sync"):
+        assert kept.stages[0].totals[phase] - moved.stages[0].totals[phase] == rank * 12
+    assert kept.stages[0].totals["train"] == moved.stages[0].totals["train"]
+    assert kept.rollout_trainer_resident == moved.rollout_trainer_resident + rank * 12
