@@ -6,7 +6,8 @@
 (`bash tools/setup_sglang_env.sh` builds .venv-sglang; on CPU the test-only import shims of
 tests/sglang_shims go on the path, as in the `sglang` test tier.) A Llama-shaped model directory is written
 (random weights, the synthetic tokenizer) and our adapter starts SGLang 0.5.5.post3's `sglang.Engine` on it
-as train.py does (`SGLangEngine.from_config`, dummy weights); buckets of the model's own HF tensors of each size go through our adapter
+as train.py does (`SGLangEngine.from_config`, dummy weights); buckets of the model's own HF tensors of
+about each size (consecutive tensors, the bucket nearest the size) go through our adapter
 (`rollout.sglang_engine.SGLangEngine.update_weights`: split by dtype, flatten, SGLang's payload and
 MultiprocessingSerializer, then `UpdateWeightsFromTensorReqInput(load_format="flattened_bucket")` to the
 tokenizer manager -> ZMQ -> scheduler -> TP worker -> model runner: rebuild the flattened bucket and

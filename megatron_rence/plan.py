@@ -254,8 +254,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if handle_info_flags(args, cfg):
         return 0
     hw = Hardware(nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu_mem_gb=args.gpu_mem_gb,
-                  context_gb=args.context_gb, reserve_gb=args.reserve_gb, engine_residue_gb=args.engine_residue_gb, grad_dtype=args.grad_dtype,
-                  flash_attention=not args.unfused_attention)
+                  context_gb=args.context_gb, reserve_gb=args.reserve_gb, engine_residue_gb=args.engine_residue_gb,
+                  grad_dtype=args.grad_dtype, flash_attention=not args.unfused_attention)
     report = plan(cfg, hw, Bandwidth(allgather_busbw_gbps=args.allgather_busbw_gbps, ib_gbps=args.ib_gbps,
                                      hbm_gbps=args.hbm_copy_gbps), rates_from_args(args))
     if args.json:

@@ -42,7 +42,7 @@ Rates (H100 SXM defaults, each a flag of rence-plan; sources in docs/performance
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from megatron_rence.config import Config
 from megatron_rence.planning.params import stage_params
