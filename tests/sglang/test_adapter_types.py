@@ -10,7 +10,8 @@ from megatron_rence.config import SGLangConfig
 from megatron_rence.rollout.sglang_engine import ALL_TAGS, sampling_dicts, server_kwargs
 from megatron_rence.rollout.sglang_transport import flatten, sglang_payload, sglang_serialize, split_by_dtype
 from megatron_rence.rollout.types import SamplingParams
-from tests.unit.test_rollout_sglang_engine import kwargs, make_engine, sync  # noqa: F401  (fixture)
+from tests.unit.test_rollout_sglang_engine import make_engine  # noqa: F401  (a pytest fixture)
+from tests.unit.test_rollout_sglang_engine import kwargs, sync
 from tests.unit.test_rollout_sglang_transport import bucket
 
 pytestmark = pytest.mark.sglang

@@ -3,6 +3,7 @@ by SGLang 0.5.5.post3's REAL model classes through their own `load_weights`: Lla
 QKV bias, plain and block FP8, from a trainer at TP 1 and at TP 2 (whose shards our sync all-gathers). Every
 SGLang parameter is compared bit for bit with what the HF checkpoint the trainer started from says it must
 hold (fused qkv_proj / gate_up_proj, FP8 values and their scale_inv), and none is left unset."""
+import io
 import json
 import os
 import subprocess
@@ -59,7 +60,9 @@ def stream_from_trainer(hf_dir: str, fp8: bool) -> list:
     out = []
     for bucket in iter_hf_buckets(chunks, cfg, cfg.vocab_size, 64 * 1024, pstate, dst_ranks=(0,), fp8=fp8):
         out += [(name, t.clone()) for name, t in bucket]
-    return out
+    buffer = io.BytesIO()  # bytes, not tensors: the launcher's queue would share tensors by fd, which dies with us
+    torch.save(out, buffer)
+    return buffer.getvalue()
 
 
 def _fp8(t: torch.Tensor, fp8: bool) -> list[torch.Tensor]:
@@ -99,7 +102,7 @@ def test_our_stream_loads_exactly_into_sglangs_model_classes(tmp_path):
         for fp8 in (False, True):
             model_dir = write_model_dir(hf_config, tokenizer, tmp_path / f"engine_{arch}_{fp8}", fp8=fp8)
             for tp in (1, 2):
-                stream = launcher.run(stream_from_trainer, tp, str(hf_dir), fp8, timeout=600)[0]
+                stream = torch.load(io.BytesIO(launcher.run(stream_from_trainer, tp, str(hf_dir), fp8, timeout=600)[0]))
                 cases.append({"name": f"{arch} fp8={fp8} trainer_tp={tp}", "model_dir": str(model_dir),
                               "stream": stream, "expected": expected_params(hf, arch, fp8)})
     torch.save(cases, tmp_path / "cases.pt")
