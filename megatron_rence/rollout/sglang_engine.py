@@ -208,9 +208,14 @@ class SGLangEngine:
 
     @classmethod
     def from_config(cls, cfg, hf_config, tokenizer, group=None) -> "SGLangEngine":
+        from megatron_rence.config import ConfigError
+
         s = cfg.rollout.sglang
         if s.fp8_weights:
             check_fp8_shapes(cfg.model, s.tp)
+        if s.deterministic_inference and cfg.train.device == "cpu":  # SGLang's own error blames the user
+            raise ConfigError("rollout.sglang.deterministic_inference=true needs one of SGLang's GPU attention "
+                              "backends (flashinfer, fa3, triton); on train.device=cpu it runs torch_native")
         rank = dist.get_rank() if dist.is_initialized() else 0
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         base_gpu_id = torch.cuda.current_device() if torch.cuda.is_available() else local_rank

@@ -73,3 +73,16 @@ def test_payload_survives_sglang_serializer():
     data = sglang_serialize(sglang_payload(flat, metas))
     back = MultiprocessingSerializer.deserialize(data)  # SGLang's restricted unpickler admits it
     assert torch.equal(back["flattened_tensor"], flat) and back["metadata"][0].name == named[0][0]
+
+
+def test_sglang_refuses_deterministic_inference_on_cpu(tmp_path):
+    """Why rollout.sglang.deterministic_inference is a ConfigError on CPU (SGLang's check, server_args.py)."""
+    from sglang.srt.server_args import ServerArgs
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=32, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                architectures=["LlamaForCausalLM"]).save_pretrained(tmp_path)
+    ServerArgs(model_path=str(tmp_path), device="cpu", skip_server_warmup=True)  # starts without it
+    with pytest.raises(ValueError, match="deterministic inference"):
+        ServerArgs(model_path=str(tmp_path), device="cpu", enable_deterministic_inference=True,
+                   skip_server_warmup=True)
