@@ -1,4 +1,5 @@
-"""The colocated SGLang rollout engine (GPU): one in-process `sglang.Engine` per inference TP group.
+"""The colocated SGLang rollout engine: one in-process `sglang.Engine` per inference TP group (GPU; on CPU,
+train.device=cpu, SGLang's native-torch path, which the `sglang` test tier runs: tests/sglang/).
 
 Written against SGLang 0.5.5.post3 (the Dockerfile's pin; read from its wheel, python/sglang/srt/):
 entrypoints/engine.py (`Engine`: each sync method runs `loop.run_until_complete(tokenizer_manager.X(obj, None))`),
@@ -12,7 +13,8 @@ request object ourselves, exactly as that method does, which also lets every cal
 - lifecycle: the group's first rank starts the engine with dummy weights (`load_format="dummy"`) on
   GPUs base_gpu_id .. base_gpu_id + tp - 1, `enable_memory_saver`, the recipe's memory fraction;
   the trainer pushes real weights before the first rollout.
-- per step (rollout/engine.py): generate -> release_memory (flush_cache, then release all tags) ->
+- per step (rollout/engine.py): generate -> release_memory (flush_cache, retried while SGLang's scheduler
+  still holds a batch, up to `rollout.sglang.flush_timeout_s`; then release all tags) ->
   resume_memory(["weights"]) -> update_weights per bucket (sglang_transport.py) -> resume_memory(["kv_cache"]).
 - crashes: each call polls the engine's processes every `health_poll_s` and SGLang's SIGQUIT (which its
   children send to us, and which would otherwise kill the trainer) only marks the engine dead. A crash
@@ -156,7 +158,7 @@ def _alive(pid: int) -> bool:
 @dataclass
 class Backend:
     """What the adapter takes from SGLang: the Engine class and its request dataclasses (io_struct).
-    Tests pass a fake engine (SGLang cannot run without CUDA)."""
+    Unit tests pass a fake engine; the `sglang` tier (tests/sglang/) runs the real one on CPU."""
 
     make_engine: Callable[..., Any]
     io: Any
@@ -206,9 +208,14 @@ class SGLangEngine:
 
     @classmethod
     def from_config(cls, cfg, hf_config, tokenizer, group=None) -> "SGLangEngine":
+        from megatron_rence.config import ConfigError
+
         s = cfg.rollout.sglang
         if s.fp8_weights:
             check_fp8_shapes(cfg.model, s.tp)
+        if s.deterministic_inference and cfg.train.device == "cpu":  # SGLang's own error blames the user
+            raise ConfigError("rollout.sglang.deterministic_inference=true needs one of SGLang's GPU attention "
+                              "backends (flashinfer, fa3, triton); on train.device=cpu it runs torch_native")
         rank = dist.get_rank() if dist.is_initialized() else 0
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         base_gpu_id = torch.cuda.current_device() if torch.cuda.is_available() else local_rank

@@ -5,8 +5,9 @@ must hold. Prints one JSON line per case: {"case", "checked": [names], "mismatch
 
     python tests/sglang/sglang_load.py CASES.pt PORT
 
-Each case: {"name", "model_dir" (written by SGLangEngine's write_model_dir), "stream" [(name, tensor)],
-"expected" {sglang param name: tensor}}.
+Each case: {"name", "model_dir" (written by SGLangEngine's write_model_dir), "dtype" (SGLang's: float32, or
+bfloat16 for FP8, which SGLang refuses in float32), "stream" [(name, tensor)], "expected" {sglang param name:
+tensor}}.
 """
 import json
 import sys
@@ -29,27 +30,27 @@ def init_sglang(model_dir: str, port: int):
     initialize_dp_attention(server_args=args, model_config=ModelConfig.from_server_args(args))
 
 
-def build(model_dir: str):
+def build(model_dir: str, dtype: str):
     """SGLang's model class for `model_dir` (its `architectures`), with its quantization config if any."""
     from sglang.srt.configs.load_config import LoadConfig
     from sglang.srt.configs.model_config import ModelConfig
     from sglang.srt.model_loader.loader import _get_quantization_config
-    from sglang.srt.model_loader.utils import get_model_architecture
+    from sglang.srt.model_loader.utils import get_model_architecture, set_default_torch_dtype
     from sglang.srt.server_args import ServerArgs
 
-    args = ServerArgs(model_path=model_dir, device="cpu", dtype="float32", load_format="dummy",
+    args = ServerArgs(model_path=model_dir, device="cpu", dtype=dtype, load_format="dummy",
                       disable_cuda_graph=True, skip_server_warmup=True)
     config = ModelConfig.from_server_args(args)
     model_class, _ = get_model_architecture(config)
     quant = _get_quantization_config(config, LoadConfig(load_format="dummy"),
                                      getattr(model_class, "packed_modules_mapping", {}))
-    with torch.device("cpu"):
+    with set_default_torch_dtype(config.dtype), torch.device("cpu"):  # as SGLang's model loader does
         model = model_class(config=config.hf_config, quant_config=quant)
     return model
 
 
 def check(case: dict) -> dict:
-    model = build(case["model_dir"])
+    model = build(case["model_dir"], case["dtype"])
     params = dict(model.named_parameters())
     sentinel = float("nan")
     with torch.no_grad():
@@ -59,6 +60,8 @@ def check(case: dict) -> dict:
     mismatched, checked = [], []
     for name, want in case["expected"].items():
         got = params[name].data
+        if name.endswith(("embed_tokens.weight", "lm_head.weight")):
+            got = got[: want.shape[0]]  # SGLang pads the vocabulary rows (to a multiple of 64)
         checked.append(name)
         if got.dtype != want.dtype or got.shape != want.shape or not torch.equal(got.view(-1).view(torch.uint8),
                                                                                   want.reshape(-1).view(torch.uint8)):

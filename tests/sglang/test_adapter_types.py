@@ -10,7 +10,8 @@ from megatron_rence.config import SGLangConfig
 from megatron_rence.rollout.sglang_engine import ALL_TAGS, sampling_dicts, server_kwargs
 from megatron_rence.rollout.sglang_transport import flatten, sglang_payload, sglang_serialize, split_by_dtype
 from megatron_rence.rollout.types import SamplingParams
-from tests.unit.test_rollout_sglang_engine import kwargs, make_engine, sync  # noqa: F401  (fixture)
+from tests.unit.test_rollout_sglang_engine import make_engine  # noqa: F401  (a pytest fixture)
+from tests.unit.test_rollout_sglang_engine import kwargs, sync
 from tests.unit.test_rollout_sglang_transport import bucket
 
 pytestmark = pytest.mark.sglang
@@ -72,3 +73,16 @@ def test_payload_survives_sglang_serializer():
     data = sglang_serialize(sglang_payload(flat, metas))
     back = MultiprocessingSerializer.deserialize(data)  # SGLang's restricted unpickler admits it
     assert torch.equal(back["flattened_tensor"], flat) and back["metadata"][0].name == named[0][0]
+
+
+def test_sglang_refuses_deterministic_inference_on_cpu(tmp_path):
+    """Why rollout.sglang.deterministic_inference is a ConfigError on CPU (SGLang's check, server_args.py)."""
+    from sglang.srt.server_args import ServerArgs
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=32, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                architectures=["LlamaForCausalLM"]).save_pretrained(tmp_path)
+    ServerArgs(model_path=str(tmp_path), device="cpu", skip_server_warmup=True)  # starts without it
+    with pytest.raises(ValueError, match="deterministic inference"):
+        ServerArgs(model_path=str(tmp_path), device="cpu", enable_deterministic_inference=True,
+                   skip_server_warmup=True)

@@ -1,27 +1,21 @@
 """Our SGLangEngine adapter over SGLang 0.5.5.post3's REAL engine on CPU (nothing patched): weight push in
 flattened buckets, then samples whose log-probs equal the trainer's own; release / resume with SGLang's tags
 and a new weight version; stop signals to every engine process; SIGKILL -> restart -> re-push; flush right
-after generate (SGLang's default overlap scheduler) many times in a row; the engine's children keep the
-stop signals blocked when the engine is a fresh interpreter's first spawn."""
+after generate (SGLang's default overlap scheduler) many times in a row. (The engine's children keeping the
+stop signals blocked when the engine is a fresh interpreter's first spawn: tests/sglang/test_train_sglang.py.)"""
 import os
 import signal
-import subprocess
-import sys
-import textwrap
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from megatron_rence.lifecycle import STOP_SIGNALS
 from megatron_rence.rollout.types import SamplingParams
 from tests.megatron_state import single_rank
 from tests.sglang.engine_setup import (make_cfg, make_engine, make_trainer, peak, sync, tokenizer_and_vocab,
                                        trainer_logprobs)
 
 pytestmark = pytest.mark.sglang
-REPO = Path(__file__).resolve().parents[2]
 PROMPTS = ["1+2=", "3+4=", "(2+3)*4="]
 
 
@@ -119,41 +113,3 @@ def test_flush_right_after_generate_with_the_overlap_scheduler(tmp_path):
             print(f"flush_cache retried {engine.flush_retries} times in 12 releases")
         finally:
             engine.shutdown()
-
-
-def test_engine_children_keep_stop_signals_blocked_when_it_is_the_first_spawn(tmp_path):
-    """A fresh interpreter whose first child processes are the engine's: CPython's resource tracker, started
-    inside our block, used to unblock SIGINT / SIGTERM there (children's SigBlk 0x200, SIGUSR1 only)."""
-    script = textwrap.dedent(f"""
-        import sys
-        from pathlib import Path
-        from tests.sglang.engine_setup import make_cfg, make_engine, tokenizer_and_vocab
-
-        if __name__ == "__main__":
-            tokenizer, vocab = tokenizer_and_vocab()
-            engine = make_engine(make_cfg(Path({str(tmp_path)!r})), tokenizer, vocab)
-            print(" ".join(map(str, sorted(engine._pids))), flush=True)
-            sys.stdin.readline()
-            engine.shutdown()
-    """)
-    path = tmp_path / "first_spawn.py"
-    path.write_text(script)
-    proc = subprocess.Popen([sys.executable, str(path)], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO),
-                                                                                         os.environ["PYTHONPATH"]])})
-    try:
-        pids = [int(p) for p in proc.stdout.readline().split()]
-        assert len(pids) >= 2, "the engine did not start its scheduler and detokenizer"
-        for pid in pids:
-            mask = _blocked_mask(pid)
-            assert all(mask & (1 << (int(sig) - 1)) for sig in STOP_SIGNALS), f"pid {pid}: SigBlk {mask:#x}"
-    finally:
-        proc.stdin.close()
-        proc.wait(timeout=120)
-
-
-def _blocked_mask(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("SigBlk:"):
-            return int(line.split()[1], 16)
-    raise AssertionError("no SigBlk line")

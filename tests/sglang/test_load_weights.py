@@ -3,6 +3,7 @@ by SGLang 0.5.5.post3's REAL model classes through their own `load_weights`: Lla
 QKV bias, plain and block FP8, from a trainer at TP 1 and at TP 2 (whose shards our sync all-gathers). Every
 SGLang parameter is compared bit for bit with what the HF checkpoint the trainer started from says it must
 hold (fused qkv_proj / gate_up_proj, FP8 values and their scale_inv), and none is left unset."""
+import io
 import json
 import os
 import subprocess
@@ -15,7 +16,7 @@ import transformers
 
 from megatron_rence.config import ModelConfig, ParallelConfig
 from megatron_rence.data.tokenizer import build_synthetic_tokenizer
-from megatron_rence.rollout.sglang_engine import write_model_dir
+from megatron_rence.rollout.sglang_engine import DTYPES, write_model_dir
 from megatron_rence.weights.hf_config import model_config_from_hf, to_hf_config
 from megatron_rence.weights.portable import make_portable
 from megatron_rence.weights.quantize import quantize_block_fp8
@@ -43,22 +44,29 @@ def hf_checkpoint(arch: str, out: Path, vocab: int) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def stream_from_trainer(hf_dir: str, fp8: bool) -> list:
-    """Launcher rank body: a megatron trainer at TP = WORLD_SIZE started from `hf_dir`, streamed to rank 0."""
+def streams_from_trainer(sources: list[tuple[str, bool]]) -> list[bytes]:
+    """Launcher rank body: for each (HF dir, fp8), a megatron model at TP = WORLD_SIZE started from the HF dir,
+    streamed to rank 0 as the trainer pushes it every step; rank 0 returns each stream torch.save'd (bytes,
+    not tensors: the launcher's queue would share tensors by file descriptors, which die with this process)."""
     from megatron_rence.megatron import parallel
     from megatron_rence.megatron.model import build_model
     from megatron_rence.weights.convert import init_from_hf
     from megatron_rence.weights.sync import iter_hf_buckets
 
-    fields = model_config_from_hf(hf_dir)
-    cfg = ModelConfig(**fields, hf_path=hf_dir, dtype="fp32", make_vocab_size_divisible_by=8)
     tp = int(os.environ["WORLD_SIZE"])
     pstate = parallel.initialize(ParallelConfig(tp=tp), seed=0)
-    chunks = build_model(cfg, ParallelConfig(tp=tp), cfg.vocab_size)
-    init_from_hf(chunks, cfg, cfg.vocab_size, pstate)
     out = []
-    for bucket in iter_hf_buckets(chunks, cfg, cfg.vocab_size, 64 * 1024, pstate, dst_ranks=(0,), fp8=fp8):
-        out += [(name, t.clone()) for name, t in bucket]
+    for hf_dir, fp8 in sources:
+        cfg = ModelConfig(**model_config_from_hf(hf_dir), hf_path=hf_dir, dtype="bf16" if fp8 else "fp32",
+                          make_vocab_size_divisible_by=8)
+        chunks = build_model(cfg, ParallelConfig(tp=tp), cfg.vocab_size)
+        init_from_hf(chunks, cfg, cfg.vocab_size, pstate)
+        stream = []
+        for bucket in iter_hf_buckets(chunks, cfg, cfg.vocab_size, 64 * 1024, pstate, dst_ranks=(0,), fp8=fp8):
+            stream += [(name, t.clone()) for name, t in bucket]
+        buffer = io.BytesIO()
+        torch.save(stream, buffer)
+        out.append(buffer.getvalue())
     return out
 
 
@@ -67,7 +75,10 @@ def _fp8(t: torch.Tensor, fp8: bool) -> list[torch.Tensor]:
 
 
 def expected_params(hf: dict[str, torch.Tensor], arch: str, fp8: bool) -> dict[str, torch.Tensor]:
-    """SGLang's parameter names and contents for an HF state dict (its fused qkv_proj / gate_up_proj)."""
+    """SGLang's parameter names and contents for an HF state dict (its fused qkv_proj / gate_up_proj); FP8
+    runs serve bf16 (the trainer's and SGLang's dtype there), the linear weights block-quantised from it."""
+    if fp8:
+        hf = {k: v.to(torch.bfloat16) for k, v in hf.items()}
     want = {"model.embed_tokens.weight": hf["model.embed_tokens.weight"], "model.norm.weight": hf["model.norm.weight"]}
     if arch == "llama":
         want["lm_head.weight"] = hf["lm_head.weight"]
@@ -91,17 +102,22 @@ def expected_params(hf: dict[str, torch.Tensor], arch: str, fp8: bool) -> dict[s
 def test_our_stream_loads_exactly_into_sglangs_model_classes(tmp_path):
     tokenizer = build_synthetic_tokenizer()
     vocab = len(tokenizer)
-    cases = []
+    sources, targets = [], []
     for arch in ARCHS:
         hf_dir = tmp_path / f"hf_{arch}"
         hf = hf_checkpoint(arch, hf_dir, vocab)
-        hf_config = to_hf_config(ModelConfig(**model_config_from_hf(hf_dir), dtype="fp32"), vocab)
         for fp8 in (False, True):
+            dtype = "bf16" if fp8 else "fp32"
+            hf_config = to_hf_config(ModelConfig(**model_config_from_hf(hf_dir), dtype=dtype), vocab)
             model_dir = write_model_dir(hf_config, tokenizer, tmp_path / f"engine_{arch}_{fp8}", fp8=fp8)
-            for tp in (1, 2):
-                stream = launcher.run(stream_from_trainer, tp, str(hf_dir), fp8, timeout=600)[0]
-                cases.append({"name": f"{arch} fp8={fp8} trainer_tp={tp}", "model_dir": str(model_dir),
-                              "stream": stream, "expected": expected_params(hf, arch, fp8)})
+            sources.append((str(hf_dir), fp8))
+            targets.append((f"{arch} fp8={fp8}", str(model_dir), DTYPES[dtype], expected_params(hf, arch, fp8)))
+    cases = []
+    for tp in (1, 2):  # TP 2: each tensor is all-gathered from the two trainer ranks' shards
+        streams = launcher.run(streams_from_trainer, tp, sources, timeout=900)[0]
+        cases += [{"name": f"{name} trainer_tp={tp}", "model_dir": model_dir, "dtype": dtype,
+                   "stream": torch.load(io.BytesIO(data)), "expected": expected}
+                  for (name, model_dir, dtype, expected), data in zip(targets, streams)]
     torch.save(cases, tmp_path / "cases.pt")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ["PYTHONPATH"]])}
     proc = subprocess.run([sys.executable, str(Path(__file__).with_name("sglang_load.py")), str(tmp_path / "cases.pt"),

@@ -1,14 +1,18 @@
 """The CPU demo trained on SGLang's real engine: `rence-train recipes/demo_cpu.yaml rollout.engine=sglang` with
 the documented CPU settings runs steps, a SIGTERM to the whole process group (Slurm's scancel, `kill -- -PGID`:
 the engine's scheduler and detokenizer get it too) ends it with a checkpoint at the last logged step, and
-`--resume` continues from there on a new engine."""
+`--resume` continues from there on a new engine. rence-train is a fresh interpreter whose first spawned
+processes are the engine's: their stop signals must be blocked (CPython's resource tracker, started inside our
+block, used to unblock SIGINT / SIGTERM: SigBlk 0x200, and the group SIGTERM killed the engine)."""
 import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from megatron_rence.lifecycle import STOP_SIGNALS, descendants
 from megatron_rence.metrics import read_metrics
 from tests.e2e.test_train_loop import REPO, TINY, _assert_group_gone, _env, _wait_for_steps
 from tests.sglang.engine_setup import free_port
@@ -35,6 +39,11 @@ def test_demo_on_sglang_group_sigterm_checkpoints_then_resumes(tmp_path):
     try:
         _wait_for_steps(run_dir / "metrics.jsonl", 3, proc)
         assert proc.poll() is None, proc.communicate()[0][-4000:]
+        engine = _sglang_processes(proc.pid)
+        assert len(engine) >= 2, "no SGLang scheduler / detokenizer under the trainer"
+        for pid in engine:
+            mask = _blocked_mask(pid)
+            assert all(mask & (1 << (int(sig) - 1)) for sig in STOP_SIGNALS), f"pid {pid}: SigBlk {mask:#x}"
         os.killpg(proc.pid, signal.SIGTERM)  # trainer, reward worker, SGLang's scheduler and detokenizer
         out, _ = proc.communicate(timeout=300)
     finally:
@@ -60,3 +69,22 @@ def test_demo_on_sglang_group_sigterm_checkpoints_then_resumes(tmp_path):
     for r in records[stopped_at:]:
         assert r["engine/restarts"] == 0 and r["rollout/response_len_mean"] > 0
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"iter_{end:07d}"
+
+
+def _sglang_processes(root: int) -> list[int]:
+    """SGLang's scheduler / detokenizer (setproctitle "sglang::...") among `root`'s descendants."""
+    found = []
+    for pid in descendants(root):
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"sglang::"):
+                found.append(pid)
+        except OSError:
+            pass
+    return found
+
+
+def _blocked_mask(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigBlk:"):
+            return int(line.split()[1], 16)
+    raise AssertionError("no SigBlk line")

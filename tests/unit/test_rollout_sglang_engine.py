@@ -387,3 +387,12 @@ def test_fp8_weights_with_partial_blocks_fail_before_the_engine_starts():
     cfg.rollout.engine, cfg.rollout.sglang.fp8_weights = "sglang", True
     with pytest.raises(ConfigError, match=r"rollout.sglang.fp8_weights: .*q_proj rows per engine rank = 64"):
         SGLangEngine.from_config(cfg, hf_config=None, tokenizer=None)
+
+
+def test_deterministic_inference_on_cpu_fails_before_the_engine_starts():
+    from megatron_rence.config import ConfigError
+
+    cfg = Config()
+    cfg.rollout.engine, cfg.rollout.sglang.deterministic_inference, cfg.train.device = "sglang", True, "cpu"
+    with pytest.raises(ConfigError, match=r"rollout.sglang.deterministic_inference=true needs .*torch_native"):
+        SGLangEngine.from_config(cfg, hf_config=None, tokenizer=None)
