@@ -45,7 +45,10 @@ RUN python3 -m pip install --no-deps -e /opt/megatron-rence
 
 # Fail the build, not the first job, when an import is broken: TE's extension and sgl-kernel's ops both
 # load against the one torch in the image.
+# transformers must still be SGLang's 4.57.1 after every install above (with 5.x SGLang 0.5.5.post3 silently
+# reads the default RoPE base; our code reads both 4.57.1 and 5.x).
 RUN python3 -c "import torch, transformer_engine.pytorch, megatron.core, sglang, sgl_kernel, flashinfer, \
-math_verify, megatron_rence; print('torch', torch.__version__, 'sglang', sglang.__version__)"
+math_verify, megatron_rence, transformers; print('torch', torch.__version__, 'sglang', sglang.__version__); \
+assert transformers.__version__ == '4.57.1', transformers.__version__"
 
 WORKDIR /opt/megatron-rence

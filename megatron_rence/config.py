@@ -131,6 +131,13 @@ class SGLangConfig:
     # engine is restarted (max_restarts). Keep it, plus an engine restart, under the 30-min collective timeout
     # the other ranks wait in.
     request_timeout_s: float = 900.0
+    # SGLang's flush_cache fails while the scheduler still holds a batch (its overlap scheduler keeps the
+    # last finished one for a moment after generate returns): retried for up to this long, then an error
+    # naming the requests still pending
+    flush_timeout_s: float = 60.0
+    # SGLang's enable_deterministic_inference: batch-invariant kernels and per-request sampling seeds (without
+    # it SGLang ignores the seed, so a resumed run does not draw the same samples); GPU attention backends only
+    deterministic_inference: bool = False
 
 
 @dataclass
@@ -248,6 +255,11 @@ class TrainConfig:
     # megatron/offload.py); frees params bytes per GPU for the KV cache at the cost of two copies per step.
     # Not with parallel.distributed_optimizer (config error; docs/design.md, "Memory lifecycle")
     offload_params: bool = False
+    # move the optimizer state (fp32 main params + Adam moments) to reusable pinned host buffers for rollout
+    # and back for training (megatron/offload.py: two host copies per step, ~0.6 s for 13 GB per H100);
+    # false keeps it on the GPU (the engine's KV cache gets that much less: rence-plan shows whether it still
+    # fits). Gradient buffers are always freed (nothing is copied)
+    offload_optimizer: bool = True
     # an optimizer step whose loss or gradient norm is not finite is skipped (train/nonfinite_steps); this many
     # such steps in a row stop the run with an error naming the metric and step
     max_nonfinite_steps: int = 3
@@ -272,6 +284,9 @@ class TrainConfig:
 @dataclass
 class WeightsConfig:
     bucket_bytes: int = 512 * 1024 * 1024  # full-size bytes per sync bucket
+    # start the exchange and TP all-gathers of bucket i + 1 before handing bucket i to the engine, so the
+    # collectives run while the engine loads (weights/sync.py); costs one more bucket of gather buffers
+    overlap_gather: bool = True
 
 
 @dataclass
@@ -385,6 +400,7 @@ RANGES: dict[str, Range] = {
     "rollout.sglang.tp": _at_least(1), "rollout.sglang.mem_fraction_static": Range(0, 1, lo_open=True, hi_open=True),
     "rollout.sglang.base_port": Range(1024, 65000), "rollout.sglang.max_restarts": _NONNEG,
     "rollout.sglang.health_poll_s": _POS, "rollout.sglang.request_timeout_s": _POS,
+    "rollout.sglang.flush_timeout_s": _POS,
     "rollout.prompts_per_step": _at_least(1), "rollout.num_samples": _at_least(1), "rollout.temperature": _POS,
     "rollout.top_p": _UNIT, "rollout.top_k": _at_least(-1), "rollout.max_new_tokens": _at_least(1),
     "objective.positive_threshold": Range(), "objective.beta": _POS, "objective.margin_alpha": _NONNEG,

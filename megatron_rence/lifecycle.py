@@ -49,10 +49,36 @@ _fork_hook_installed = False
 
 @contextlib.contextmanager
 def stop_signals_blocked() -> Iterator[None]:
-    """Block SIGTERM / SIGUSR1 / SIGINT in this thread for the duration; processes started inside inherit it."""
+    """Block SIGTERM / SIGUSR1 / SIGINT in this thread for the duration; processes started inside inherit it.
+
+    multiprocessing's resource tracker is started first (start_resource_tracker): CPython (3.11, 3.12) starts it
+    on the first spawn and, while doing so, UNBLOCKS SIGINT / SIGTERM in the calling thread
+    (resource_tracker.ensure_running blocks them around its own spawn, then SIG_UNBLOCKs them instead of
+    restoring the previous mask). Started inside our block it would leave every later child (SGLang's
+    scheduler and detokenizer, when the engine is the first spawn) with only SIGUSR1 blocked: a job-wide
+    SIGTERM would kill the engine before the trainer checkpoints.
+    """
+    start_resource_tracker()
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def start_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker now, if not yet running (POSIX; idempotent).
+
+    Started with the stop signals blocked: the tracker ignores SIGINT / SIGTERM itself but would die on
+    a job-wide SIGUSR1 (Slurm's --signal=USR1); it inherits the blocked SIGUSR1. This thread's mask is
+    restored afterwards (ensure_running unblocks SIGINT / SIGTERM in it)."""
+    if os.name != "posix":
+        return
+    from multiprocessing import resource_tracker
+
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        resource_tracker.ensure_running()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 

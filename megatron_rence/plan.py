@@ -18,6 +18,7 @@ from megatron_rence.config import Config
 from megatron_rence.planning.layout import Layout, check_layout
 from megatron_rence.planning.memory import GiB, PHASES, Hardware, MemoryPlan, memory_plan
 from megatron_rence.planning.sync_cost import Bandwidth, SyncCost, sync_cost
+from megatron_rence.planning.sync_phase import PhaseRates
 
 
 @dataclass
@@ -68,7 +69,7 @@ def resolve_vocab_size(cfg: Config) -> int:
     return len(load_tokenizer(m))
 
 
-def plan(cfg: Config, hw: Hardware, bw: Bandwidth = Bandwidth()) -> PlanReport:
+def plan(cfg: Config, hw: Hardware, bw: Bandwidth = Bandwidth(), rates: Optional[PhaseRates] = None) -> PlanReport:
     """Layout checks and (when the layout is valid) the memory plan for `cfg` on `hw`."""
     cfg, notes = resolve_model(cfg)
     on_cpu = cfg.train.device == "cpu"
@@ -79,7 +80,7 @@ def plan(cfg: Config, hw: Hardware, bw: Bandwidth = Bandwidth()) -> PlanReport:
         memory = memory_plan(cfg, hw, vocab, layout.dp, layout.num_microbatches, on_cpu=on_cpu)
     if cfg.train.device == "auto":
         notes.append("train.device=auto: planned for GPUs")
-    sync = sync_cost(cfg, vocab, hw.world_size, hw.gpus_per_node, bw) if not layout.errors else None
+    sync = sync_cost(cfg, vocab, hw.world_size, hw.gpus_per_node, bw, rates) if not layout.errors else None
     return PlanReport(cfg, hw, layout, memory, vocab, notes, sync)
 
 
@@ -152,6 +153,8 @@ def render(report: PlanReport, recipe: str) -> str:
         lines.extend(_table(mem))
     if report.sync is not None:
         lines.append(_sync_line(report.sync))
+        if report.sync.phase is not None:
+            lines.append(_phase_line(report.sync))
     lines += [f"warning   {w}" for w in lay.warnings + (_kv_warnings(mem) if mem is not None else [])]
     problems = report.problems
     lines += [f"error     {msg}" for msg in problems]
@@ -181,6 +184,13 @@ def _sync_line(c: SyncCost) -> str:
             f"{c.engine_s:.2f}, latency {c.latency_s:.2f}); busiest rank {c.busiest_rank} sends "
             f"{busiest.sent / 1e9:.1f} GB ({busiest.sent_inter / 1e9:.1f} inter-node), max per rank "
             f"{c.max_rank_send / 1e9:.1f} GB; model {c.model_bytes / 1e9:.1f} GB")
+
+
+def _phase_line(c: SyncCost) -> str:
+    ph = c.phase
+    terms = ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in ph.terms.items())
+    return (f"sync      phase: est. {ph.phase_estimate_s:.2f} s per step ({terms}); {ph.buckets} buckets, "
+            f"{ph.engine_calls} engine calls")
 
 
 def _count(n: float) -> str:
@@ -224,7 +234,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = recipe_parser("rence-plan", "Check a recipe's parallel layout on a cluster and print per-GPU memory.")
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpus-per-node", type=int, default=8)
-    parser.add_argument("--gpu-mem-gb", type=float, default=80.0, help="GiB per GPU (default 80: H100 SXM)")
+    parser.add_argument("--gpu-mem-gb", type=float, default=Hardware.gpu_mem_gb,
+                        help="GiB per GPU (default 79.65: H100 80GB HBM3, 81,559 MiB)")
+    parser.add_argument("--context-gb", type=float, default=Hardware.context_gb,
+                        help="GiB per GPU taken before SGLang sizes its pool: the trainer's and the engine's CUDA "
+                             "contexts and NCCL setup (an estimate until measured)")
     parser.add_argument("--reserve-gb", type=float, default=6.0,
                         help="GiB per GPU kept free in every phase: CUDA contexts, NCCL, CUDA graphs, fragmentation")
     parser.add_argument("--engine-residue-gb", type=float, default=1.0,
@@ -236,18 +250,16 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="count the s^2 softmax activations (no flash/fused attention)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     add_cluster_args(parser)
-    parser.add_argument("--nvlink-gbps", type=float, default=Bandwidth.nvlink_gbps,
-                        help="GB/s per GPU and direction within a node (default: H100 NVLink 4)")
-    parser.add_argument("--ib-gbps", type=float, default=Bandwidth.ib_gbps,
-                        help="GB/s per GPU and direction between nodes (default: 400 Gb/s InfiniBand per GPU)")
+    add_rate_args(parser)
     args = parser.parse_intermixed_args(argv)
     cfg = load_or_exit(args)
     if handle_info_flags(args, cfg):
         return 0
     hw = Hardware(nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu_mem_gb=args.gpu_mem_gb,
-                  reserve_gb=args.reserve_gb, engine_residue_gb=args.engine_residue_gb, grad_dtype=args.grad_dtype,
-                  flash_attention=not args.unfused_attention)
-    report = plan(cfg, hw, Bandwidth(nvlink_gbps=args.nvlink_gbps, ib_gbps=args.ib_gbps))
+                  context_gb=args.context_gb, reserve_gb=args.reserve_gb, engine_residue_gb=args.engine_residue_gb,
+                  grad_dtype=args.grad_dtype, flash_attention=not args.unfused_attention)
+    report = plan(cfg, hw, Bandwidth(allgather_busbw_gbps=args.allgather_busbw_gbps, ib_gbps=args.ib_gbps,
+                                     hbm_gbps=args.hbm_copy_gbps), rates_from_args(args))
     if args.json:
         print(json.dumps(to_json(report), indent=2))
     else:
@@ -255,6 +267,31 @@ def main(argv: Optional[list[str]] = None) -> int:
     for msg in report.problems:
         print(f"error: {msg}", file=sys.stderr)
     return max(report.exit_code, cluster_checks(report, args))
+
+
+def add_rate_args(parser) -> None:
+    """The rates of the weight-sync cost model (planning/sync_cost.py, sync_phase.py; sources in
+    docs/performance.md): defaults are H100 SXM figures, override them with your cluster's measurements."""
+    parser.add_argument("--allgather-busbw-gbps", type=float, default=Bandwidth.allgather_busbw_gbps,
+                        help="nccl-tests all_gather_perf bus bandwidth within a node, GB/s (default: 8 x H100)")
+    parser.add_argument("--ib-gbps", type=float, default=Bandwidth.ib_gbps,
+                        help="GB/s per GPU and direction between nodes (default: NDR 400 Gb/s, as measured)")
+    parser.add_argument("--hbm-copy-gbps", type=float, default=Bandwidth.hbm_gbps,
+                        help="device-to-device copy GB/s (default: H100 HBM3 3.35 TB/s / 2)")
+    parser.add_argument("--host-pageable-gbps", type=float, default=PhaseRates.host_pageable_gbps,
+                        help="GPU <-> pageable host memory GB/s, train.offload_params (default: an assumption)")
+    parser.add_argument("--bucket-overhead-ms", type=float, default=PhaseRates.bucket_fixed_s * 1e3,
+                        help="fixed ms per flattened bucket handed to SGLang (default: measured on CPU, a floor)")
+    parser.add_argument("--engine-resume-s", type=float, default=PhaseRates.engine_resume_s,
+                        help="seconds for SGLang to resume its weights and KV cache (default: an assumption)")
+    parser.add_argument("--engine-release-s", type=float, default=PhaseRates.engine_release_s,
+                        help="seconds for SGLang to release its memory (default: an assumption)")
+
+
+def rates_from_args(args) -> PhaseRates:
+    return PhaseRates(host_pageable_gbps=args.host_pageable_gbps, hbm_copy_gbps=args.hbm_copy_gbps,
+                      bucket_fixed_s=args.bucket_overhead_ms / 1e3, engine_resume_s=args.engine_resume_s,
+                      engine_release_s=args.engine_release_s)
 
 
 def add_cluster_args(parser) -> None:

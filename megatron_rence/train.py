@@ -140,7 +140,8 @@ def setup(cfg: Config, resume: bool) -> Run:
     return Run(cfg, pstate, tokenizer, trainer, ref_trainer, objective, dataset, engine,
                engine_index if engine_index is not None else -1, num_engines,
                engine_feed_ranks(cfg, pstate.world_size), vocab_size, reward_pool, logger, start_step,
-               MemoryHandoff(trainer, ref_trainer, cfg.train.offload_params), HandoffBarrier(group), health)
+               MemoryHandoff(trainer, ref_trainer, cfg.train.offload_params, cfg.train.offload_optimizer),
+               HandoffBarrier(group), health)
 
 
 def load_starting_weights(cfg: Config, trainer, vocab_size: int, pstate) -> str:
@@ -191,7 +192,7 @@ def sync_weights(run: Run, version: int) -> dict:
     chunks, model_cfg = run.trainer.model_chunks, run.cfg.model
     fp8 = run.cfg.rollout.sglang.fp8_weights
     metrics = push_weights(chunks, model_cfg, run.vocab_size, run.engine, version, run.cfg.weights.bucket_bytes,
-                           run.pstate, run.engine_ranks, fp8=fp8)
+                           run.pstate, run.engine_ranks, fp8=fp8, overlap=run.cfg.weights.overlap_gather)
     metrics.update(offload)
     metrics.update(run.handoff.offload_params())  # train.offload_params; frees the sync's buffers
     run.barrier()  # ... on every rank before the KV cache comes back

@@ -5,6 +5,8 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
+from megatron_rence.weights.portable import make_portable
+
 VOCAB = 90  # padded to 128 inside Megatron: exports must strip the padding
 TINY = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6)
@@ -30,6 +32,7 @@ def make_hf_model(arch: str, out: Path, with_tokenizer: bool = False) -> dict[st
         from megatron_rence.data.tokenizer import build_synthetic_tokenizer
 
         build_synthetic_tokenizer().save_pretrained(out)
+    make_portable(out)  # the same RoPE base and tokenizer under transformers 4.57.1 (SGLang's) and 5.x
     return load_file(Path(out) / "model.safetensors")
 
 
@@ -56,4 +59,5 @@ def save_chat_model(out: Path, arch: str = "llama", *, seed: int, hidden_size: i
                 p.add_(jitter * torch.randn_like(p))
     (model.to(dtype) if dtype is not None else model).save_pretrained(out)
     tokenizer.save_pretrained(out)
+    make_portable(out)
     return Path(out)

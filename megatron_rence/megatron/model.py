@@ -71,7 +71,39 @@ def transformer_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, use
         if m.fp8 is not None:
             raise ValueError(f"model.fp8={m.fp8!r} needs CUDA and Transformer Engine; unset it for CPU runs")
         fields.update(cpu_compat.cpu_config_overrides())
+    else:
+        fields.update(gpu_fusions(use_transformer_engine(m, use_cuda), grad_accum_extension_available()))
     return TransformerConfig(**fields)
+
+
+def gpu_fusions(te: bool, grad_accum_extension: bool) -> dict:
+    """TransformerConfig fusions on a GPU (megatron-core 0.16.1 leaves both off by default):
+    - apply_rope_fusion with Transformer Engine: TE's fused RoPE kernel, also for packed THD batches (the
+      unfused THD path, rope_utils._apply_rotary_pos_emb_thd, calls ``.tolist()`` on cu_seqlens in every
+      layer: a host synchronisation per layer per microbatch);
+    - gradient_accumulation_fusion with Transformer Engine (its linears accumulate wgrad into main_grad) and
+      the fused_weight_gradient_mlp_cuda extension, which megatron's own ColumnParallelLinear (the output
+      layer) requires when the flag is on (tensor_parallel/layers.py raises without it).
+    Without TE (the local spec) neither is available; there packed batches keep their cu_seqlens on the host
+    (``local_thd_offsets_on_host``), so the unfused RoPE and LocalCoreAttention read them without a sync."""
+    if not te:
+        return {}
+    return dict(apply_rope_fusion=True, gradient_accumulation_fusion=grad_accum_extension)
+
+
+def grad_accum_extension_available() -> bool:
+    """Whether megatron's fused wgrad accumulation extension imports (APEX's fused_weight_gradient_mlp_cuda)."""
+    try:
+        import fused_weight_gradient_mlp_cuda  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def local_thd_offsets_on_host(use_cuda: bool, model_cfg: ModelConfig) -> bool:
+    """Packed batches' cu_seqlens stay on the host for the local spec on a GPU (no TE: nothing reads them on
+    the device), so the per-layer ``.tolist()`` calls of the unfused THD RoPE and LocalCoreAttention are free."""
+    return use_cuda and not use_transformer_engine(model_cfg, use_cuda)
 
 
 class LocalRMSNorm(torch.nn.RMSNorm):

@@ -2,8 +2,9 @@
 
 One colocated step (train.py; DESIGN.md "One training step") uses it in this order::
 
-    handoff.offload()          grad buffers freed, optimizer state + fp32 main params -> CPU; gc, empty_cache,
-                               ipc_collect                                   (before the engine resumes weights)
+    handoff.offload()          grad buffers freed, optimizer state + fp32 main params -> CPU (unless
+                               train.offload_optimizer=false: they stay); gc, empty_cache, ipc_collect
+                                                                             (before the engine resumes weights)
     engine.resume_memory(["weights"]); weight sync                           (reads the trainer's parameters)
     handoff.offload_params()   train.offload_params: parameters -> CPU; gc, empty_cache, ipc_collect (always)
     engine.resume_memory(["kv_cache"]); engine.generate(...); engine.release_memory()
@@ -13,11 +14,13 @@ What moves, with megatron-core 0.16.1's own calls:
 - gradients: ``DistributedDataParallel.offload_grad_buffers`` resizes each buffer's storage to 0 (views such as
   ``param.main_grad`` stay valid objects); ``restore_grad_buffers`` reallocates and zeroes them. Nothing is
   copied (the next step zeroes the gradients anyway). This frees memory on CPU too.
-- optimizer: ``MegatronOptimizer.offload_to_cpu`` moves the inner torch optimizer's parameters (the fp32 main
-  params of Float16OptimizerWithFloat16Params / DistributedOptimizer; the model params themselves for
-  FP32Optimizer) and its state (Adam moments) to CPU, CUDA tensors only; ``restore_from_cpu`` moves them back
-  (``ChainedOptimizer`` forwards both to every optimizer it chains). On CPU nothing moves (cpu_compat makes
-  ``restore_from_cpu`` target the CPU).
+- optimizer: what ``MegatronOptimizer.offload_to_cpu`` / ``restore_from_cpu`` move (the inner torch
+  optimizer's parameters: the fp32 main params of Float16OptimizerWithFloat16Params / DistributedOptimizer,
+  the model params themselves for FP32Optimizer; and its state, the Adam moments; CUDA tensors only; every
+  optimizer a ``ChainedOptimizer`` chains), but into pinned host buffers allocated at the first offload and
+  reused every step, with asynchronous copies: megatron's own calls use ``.cpu()`` / ``.cuda()`` on pageable
+  memory, several times slower per byte (docs/performance.md). The pinned buffers stay allocated for the
+  run (host RAM: the optimizer state of every GPU of the node). On CPU nothing moves.
 - parameters (optional): the contiguous DDP param buffer when there is one (distributed optimizer: the
   parameters are views into it, ``offload_to_cpu(move_params=True)`` keeps them valid), else each parameter's
   ``.data`` is swapped for a CPU copy (pinned on CUDA) and back; the reference policy's too.
@@ -89,16 +92,77 @@ def _optimizer_gpu_bytes(optimizer) -> int:
     return total
 
 
+def _optimizer_slots(optimizer):
+    """(container, key) of every tensor offload_to_cpu would move: parameters (their .data) and state entries."""
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(part, "optimizer", None)
+        if inner is None or getattr(part, "is_stub_optimizer", False):
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if isinstance(p, torch.Tensor):
+                    yield p, None
+        for state in inner.state.values():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    yield state, key
+
+
+class PinnedOffload:
+    """The optimizer's CUDA tensors to reusable pinned host buffers and back (see the module docstring)."""
+
+    def __init__(self):
+        self._buffers: dict = {}  # slot id -> pinned host tensor, reused every step
+        self._moved: list = []  # (container, key, device) offloaded now
+
+    @staticmethod
+    def _get(container, key):
+        return container.data if key is None else container[key]
+
+    @staticmethod
+    def _set(container, key, value) -> None:
+        if key is None:
+            container.data = value
+        else:
+            container[key] = value
+
+    def offload(self, optimizer) -> None:
+        for container, key in _optimizer_slots(optimizer):
+            t = self._get(container, key)
+            if not t.is_cuda:
+                continue
+            slot = (id(container), key)
+            buf = self._buffers.get(slot)
+            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+                buf = self._buffers[slot] = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+            buf.copy_(t, non_blocking=True)
+            self._moved.append((container, key, t.device))
+            self._set(container, key, buf)
+        if self._moved:
+            torch.cuda.synchronize()  # the host copies are complete before the GPU memory is handed over
+
+    def restore(self) -> None:
+        for container, key, device in self._moved:
+            self._set(container, key, self._get(container, key).to(device, non_blocking=True))
+        if self._moved:
+            torch.cuda.synchronize()  # before the pinned buffers are written again
+        self._moved = []
+
+
 class MemoryHandoff:
     """Offload / restore a Trainer's GPU state around rollout (see the module docstring for the order).
 
     trainer: the policy `Trainer` (DDP chunks in `.model`, megatron optimizer in `.optimizer`);
     ref_trainer: the frozen reference or None (its parameters move only with `offload_params`);
-    offload_params: `train.offload_params`. Calls are idempotent: offloading twice moves nothing the second time.
+    offload_params: `train.offload_params`; offload_optimizer: `train.offload_optimizer` (False: the optimizer
+    state stays on the GPU, only the gradient buffers are freed). Calls are idempotent: offloading twice moves
+    nothing the second time.
     """
 
-    def __init__(self, trainer, ref_trainer=None, offload_params: bool = False):
+    def __init__(self, trainer, ref_trainer=None, offload_params: bool = False, offload_optimizer: bool = True):
         self.trainer, self.ref_trainer, self.move_params = trainer, ref_trainer, offload_params
+        self.move_optimizer = offload_optimizer
+        self._pinned = PinnedOffload()
         self.state_offloaded = False
         self.params_offloaded = False
         self._cpu_params: list[tuple[torch.Tensor, torch.Tensor, torch.device]] = []  # (param, cpu copy, device)
@@ -113,13 +177,14 @@ class MemoryHandoff:
             metrics.update(self._restore_params())
         if not self.state_offloaded:
             grad_bytes = _grad_buffer_bytes(self.trainer.model)
-            opt_bytes = _optimizer_gpu_bytes(self.trainer.optimizer)
+            opt_bytes = _optimizer_gpu_bytes(self.trainer.optimizer) if self.move_optimizer else 0
             # drop the main params' .grad (views into the grad buffers) before their .data moves: the next step
             # zeroes the gradients anyway
             self.trainer.optimizer.zero_grad(set_to_none=True)
             for chunk in self.trainer.model:
                 chunk.offload_grad_buffers(synchronize=True, empty_cache=False)
-            self.trainer.optimizer.offload_to_cpu()
+            if self.move_optimizer:
+                self._pinned.offload(self.trainer.optimizer)
             self.state_offloaded = True
             metrics["memory/grad_buffers_freed_gib"] = (grad_bytes - _grad_buffer_bytes(self.trainer.model)) / GiB
             metrics["memory/optimizer_offloaded_gib"] = opt_bytes / GiB
@@ -147,7 +212,8 @@ class MemoryHandoff:
         t0 = time.perf_counter()
         metrics = self._restore_params() if self.params_offloaded else {}
         if self.state_offloaded:
-            self.trainer.optimizer.restore_from_cpu()
+            if self.move_optimizer:
+                self._pinned.restore()
             for chunk in self.trainer.model:
                 chunk.restore_grad_buffers(synchronize=True)
             self.state_offloaded = False

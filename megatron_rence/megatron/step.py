@@ -41,6 +41,7 @@ import torch.distributed as dist
 
 from megatron_rence.config import Config, ConfigError
 from megatron_rence.megatron import checkpoint, logprobs as lp, optim, packing
+from megatron_rence.megatron.model import local_thd_offsets_on_host
 
 Seq = tuple[list[int], int]  # (prompt + response token ids, prompt length)
 FILLER: Seq = ([0], 1)  # a row without response tokens: pads microbatches, contributes nothing
@@ -169,6 +170,7 @@ class Trainer:
         self.cfg, self.state, self.vocab_size, self.frozen, self.pad_id = cfg, state, vocab_size, frozen, pad_id
         self.model_chunks = model_chunks
         self.config = model_chunks[0].config
+        self.thd_offsets_on_host = local_thd_offsets_on_host(not state.is_cpu, cfg.model)
         self.optimizer = self.scheduler = None
         if frozen:
             for chunk in model_chunks:
@@ -223,8 +225,10 @@ class Trainer:
                              f"{m.max_position_embeddings}")
         multiple = packing.pad_multiple(p.tp, p.cp, p.sequence_parallel)
         total = packing.pad_multiple(p.tp, p.cp, p.sequence_parallel, packing.fp8_align_for(m.fp8))
-        batch = packing.pack_thd(seqs, self.pad_id, multiple=multiple, total_multiple=total).to(self.state.device)
-        params = batch.packed_seq_params()
+        host = packing.pack_thd(seqs, self.pad_id, multiple=multiple, total_multiple=total)
+        batch = host.to(self.state.device)
+        # TE reads cu_seqlens on the GPU; the local spec only on the host (model.local_thd_offsets_on_host)
+        params = (host if self.thd_offsets_on_host else batch).packed_seq_params()
         params.cp_group = self.state.cp_group
         rows = packing.pad_batch(seqs, self.pad_id).to(self.state.device)
         return Microbatch(batch, len(index), index, rows=rows, packed_seq_params=params)

@@ -12,7 +12,7 @@ for the worst pipeline stage; 1 GiB = 2**30 bytes:
     optimizer    Adam: fp32 master copy (when weights are 16-bit) + exp_avg + exp_avg_sq = 12 (or 8) bytes per
                  param; the distributed optimizer shards them over the data-parallel group with context
                  parallel (dp * cp); table "distributed optimizer" in megatron's docs: 6 + 12/d for bf16:
-                 train only (offload_to_cpu)
+                 train only (offload_to_cpu), every phase with train.offload_optimizer=false
     reference    a second copy of the weights when the objective needs a reference policy (KL, online DPO):
                  train, and rollout / sync unless train.offload_params
     fp8 cache    FP8 training keeps FP8 copies (and transposes) of linear weights: 2 bytes per linear param,
@@ -22,14 +22,21 @@ for the worst pipeline stage; 1 GiB = 2**30 bytes:
     log-probs    last stage: output-layer logits [tokens, V/tp] and their gradient (16-bit each) plus one fp32
                  working chunk of at most 256 MiB (``megatron.logprobs``), plus the final-norm/output inputs
   engine (SGLang, colocated at rollout.sglang.tp)
-    static pool  mem_fraction_static * GPU memory free when the engine starts (sglang model_runner:
-                 KV = free_after_weights - free_at_start * (1 - fraction) = fraction * free_at_start - weights).
-                 train.py starts the engine before the trainer allocates anything (then releases it until the
-                 first sync), so free_at_start is the whole GPU (its CUDA context is in the reserve). An engine
+    static pool  mem_fraction_static * F, F = the least free memory over the engine's GPUs when its model
+                 runner starts (SGLang 0.5.5.post3 model_runner: ``min_per_gpu_memory`` = get_available_gpu_memory
+                 over the TP group after init_torch_distributed; profile_max_num_token: KV = free_after_weights -
+                 F * (1 - fraction) = fraction * F - weights). train.py starts the engine before the trainer
+                 allocates anything (then releases it until the first sync), so F = GPU memory - --context-gb
+                 (the trainer's and the engine's CUDA contexts and NCCL / custom all-reduce setup). An engine
                  restarted after a crash starts during rollout, next to the trainer's rollout residue:
-                 fraction * (GPU - residue), reported as kv_tokens_after_restart.
+                 fraction * (F - residue), reported as kv_tokens_after_restart.
     weights      params * 2 bytes / engine tp (linear weights at 1 byte with rollout.sglang.fp8_weights)
     KV cache     static pool - engine weights; tokens = KV bytes / (2 * layers * kv_heads_per_rank * head_dim * 2)
+    request table  SGLang's ReqToTokenPool, allocated after the pool is sized, so outside it: int32
+                 [max_num_reqs, context_len + 4] with max_num_reqs = min(max(int(KV tokens / context_len * 512),
+                 2048), 4096) (model_runner.init_memory_pool) and context_len = model.max_position_embeddings
+                 (hf_transformers_utils.get_context_length: llama3 rope scaling keeps it) or the
+                 context_length of rollout.sglang.extra_args; in the kv_cache region, so released with it
     released     with rollout.sglang.enable_memory_saver the engine frees weights and KV during training and
                  weight sync (torch_memory_saver); without it the whole static pool stays
     residue      --engine-residue-gb in every phase: what release_memory_occupation does not free (the
@@ -41,7 +48,8 @@ for the worst pipeline stage; 1 GiB = 2**30 bytes:
                  activations, allocator fragmentation
 
   phases: rollout = trainer residue (weights, reference) + engine static pool + engine residue + reserve
-          sync    = trainer weights (+ reference) + engine weights + 2 * weights.bucket_bytes
+          sync    = trainer weights (+ reference) + engine weights + 2 * weights.bucket_bytes (3 with
+                    weights.overlap_gather: the next bucket's all-gathers are in flight)
                     + (KV if not released) + engine residue + reserve
           train   = trainer weights + gradients + optimizer + activations + log-probs
                     + (static pool if not released) + engine residue + reserve
@@ -72,7 +80,8 @@ class Hardware:
 
     nodes: int = 1
     gpus_per_node: int = 8
-    gpu_mem_gb: float = 80.0  # GiB per GPU
+    gpu_mem_gb: float = 79.65  # GiB per GPU: H100 80GB HBM3 reports 81,559 MiB (nvidia-smi)
+    context_gb: float = 2.0  # GiB per GPU taken before the engine sizes its pool: CUDA contexts + NCCL (estimate)
     reserve_gb: float = 6.0  # GiB per GPU kept out of every phase
     engine_residue_gb: float = 1.0  # GiB per GPU the SGLang process keeps after releasing its memory
     grad_dtype: Literal["fp32", "bf16"] = "fp32"
@@ -106,6 +115,8 @@ class EngineInfo:
     model_bytes: float  # the whole model in the engine's dtype (what one full weight sync moves)
     kv_tokens_needed: int = 0  # every sequence of a step at full length at once, per engine
     pool_fraction: float = 0.0  # SGLang mem_fraction_static (0: no static pool)
+    free_at_start: float = 0.0  # F: bytes free on each engine GPU when the engine sizes its pool
+    context_len: int = 0  # SGLang's context length (its request table's row length - 4)
 
     @property
     def kv_tokens(self) -> int:
@@ -162,7 +173,7 @@ class MemoryPlan:
         e = self.engine
         if e.kind != "sglang":
             return 0
-        return e.tokens_in(e.pool_fraction * (self.gpu_bytes - self.rollout_trainer_resident) - e.weights_bytes)
+        return e.tokens_in(e.pool_fraction * (e.free_at_start - self.rollout_trainer_resident) - e.weights_bytes)
 
 
 def needs_reference(cfg: Config) -> bool:
@@ -197,10 +208,18 @@ def engine_info(cfg: Config, hw: Hardware, params: ModelParams, on_cpu: bool) ->
     weights = ((params.total - params.linear) * 2 + params.linear * linear_bytes) / tp
     kv_heads = max(1, m.num_query_groups // tp)  # SGLang replicates KV heads when tp > groups
     per_token = 2 * m.num_layers * kv_heads * m.head_dim * 2
-    kv = r.sglang.mem_fraction_static * hw.gpu_mem_gb * GiB - weights
+    free = (hw.gpu_mem_gb - hw.context_gb) * GiB
+    kv = r.sglang.mem_fraction_static * free - weights
     engines = hw.world_size // tp
+    context_len = int(r.sglang.extra_args.get("context_length", m.max_position_embeddings))
     return EngineInfo("sglang", tp, engines, weights, kv, per_token, -(-sequences // engines), weights * tp,
-                      -(-step_tokens // engines), r.sglang.mem_fraction_static)
+                      -(-step_tokens // engines), r.sglang.mem_fraction_static, free, context_len)
+
+
+def request_table_bytes(e: EngineInfo) -> float:
+    """SGLang's ReqToTokenPool on each engine GPU (int32 [max_num_reqs, context_len + 4]), see the docstring."""
+    max_num_reqs = min(max(int(e.kv_tokens / e.context_len * 512), 2048), 4096)
+    return float(max_num_reqs * (e.context_len + 4) * 4)
 
 
 def memory_plan(cfg: Config, hw: Hardware, vocab_size: int, dp: int, num_microbatches: int,
@@ -243,9 +262,10 @@ def _trainer_items(cfg: Config, hw: Hardware, n: int, dp: int, dtype_bytes: int,
              + (", on CPU during rollout (train.offload_params)" if moved else ""), trainer=True),
         Item("gradients", n * grad_bytes, ("train",), ("fp32 main grads" if grad_bytes == 4 else "bf16 grads")
              + ", freed during rollout and sync", trainer=True),
-        Item("optimizer", n * opt_bytes / shard, ("train",),
+        Item("optimizer", n * opt_bytes / shard, ("train",) if cfg.train.offload_optimizer else PHASES,
              f"Adam {opt_bytes} B/param" + (f", sharded over dp*cp={shard}" if shard > 1 else "")
-             + ", on CPU during rollout and sync", trainer=True),
+             + (", on CPU during rollout and sync" if cfg.train.offload_optimizer else ", kept on the GPU"),
+             trainer=True),
     ]
     if needs_reference(cfg):
         items.append(Item("reference weights", n * dtype_bytes, ("train",) if moved else PHASES,
@@ -268,7 +288,9 @@ def _logits_bytes(tokens: int, vocab_per_rank: int, hidden: int, p, act_bytes: i
 
 def _engine_items(cfg: Config, hw: Hardware, e: EngineInfo) -> list[Item]:
     bucket = min(cfg.weights.bucket_bytes, e.model_bytes)  # a bucket never holds more than the whole model
-    buckets = Item("weight-sync buckets", 2 * bucket, ("sync",), "gathered bucket + engine copy")
+    ahead = cfg.weights.overlap_gather and bucket < e.model_bytes  # the next bucket's gathers in flight
+    buckets = Item("weight-sync buckets", (3 if ahead else 2) * bucket, ("sync",),
+                   "gathered bucket + engine copy" + (" + next bucket's gathers" if ahead else ""))
     if e.kind == "hf":
         return [Item("engine weights (hf)", e.weights_bytes, PHASES, "full model per rank, never released"),
                 Item("engine KV cache (hf)", e.kv_bytes, ("rollout",),
@@ -278,7 +300,9 @@ def _engine_items(cfg: Config, hw: Hardware, e: EngineInfo) -> list[Item]:
         Item("engine weights", e.weights_bytes, ("rollout", "sync") if released else PHASES,
              f"sglang tp={e.tp}" + (", fp8" if cfg.rollout.sglang.fp8_weights else "")),
         Item("engine KV cache", max(e.kv_bytes, 0.0), ("rollout",) if released else PHASES,
-             f"mem_fraction_static={cfg.rollout.sglang.mem_fraction_static} x GPU minus engine weights"),
+             f"mem_fraction_static={cfg.rollout.sglang.mem_fraction_static} x free at start minus engine weights"),
+        Item("engine request table", request_table_bytes(e), ("rollout",) if released else PHASES,
+             f"ReqToTokenPool int32 [reqs, {e.context_len} + 4], outside the static pool"),
         Item("engine residue", hw.engine_residue_gb * GiB, PHASES,
              "context, NCCL, workspaces: not freed by release (estimate)"),
         buckets,

@@ -12,25 +12,31 @@ is cut into ``ceil(numel / tp)``-element slices):
 
 The seconds of the busiest rank (nothing overlapped, so an upper estimate of the transfers)::
 
-    transfers   max(sent, received) intra-node / nvlink_gbps + max(sent, received) inter-node / ib_gbps
+    transfers   max(sent, received) intra-node / allgather_busbw_gbps + max(sent, received) inter-node / ib_gbps
     engine      engine_copies * bytes the engine loads / hbm_gbps (flatten into the bucket buffer, the
                 engine's copy into its parameters)
     latency     latency_us * (TP all-gathers + message rounds, one round per bucket and pipeline hop)
 
-H100 SXM defaults: NVLink 4 gives 900 GB/s per GPU in both directions together, 450 GB/s each way (NVIDIA
-H100 datasheet); nccl-tests all-gather bus bandwidth on 8 x H100 reaches ~360-370 GB/s, so 450 is
-optimistic by ~25%. InfiniBand: one ConnectX-7 NDR 400 Gb/s NIC per GPU (DGX H100) = 50 GB/s each way.
-HBM3 3.35 TB/s peak; 2,000 GB/s is taken for a device copy (read + write). Latency 20 us per NCCL call.
+H100 SXM defaults: intra-node traffic (the TP all-gather; the pipeline hops go between nodes) at the
+all-gather's bus bandwidth measured by nccl-tests all_gather_perf on 8 x H100, 340 GB/s (NVIDIA/nccl#1218;
+NVLink 4's peak is 450 GB/s each way): a ring rank receives (n - 1) / n of the output, and nccl-tests'
+busbw is exactly that over the time. InfiniBand: one ConnectX-7 NDR 400 Gb/s NIC per GPU (DGX H100),
+46-48 GB/s per NIC in nccl-tests (NVIDIA/nccl-tests#290): 46. A device copy at 1,675 GB/s (HBM3 3.35 TB/s
+peak / 2: it reads and writes every byte). Latency 20 us per NCCL call. The whole phase around these
+transfers (offload, per-bucket engine calls, engine load, FP8, restore) is ``planning/sync_phase.py``.
 Rank r is on node r // gpus_per_node (Slurm's block distribution, slurm/rence.sbatch).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from megatron_rence.config import Config, ModelConfig, ParallelConfig
 from megatron_rence.planning.params import model_params, padded_vocab_size
 from megatron_rence.weights.routes import ByteCount, Grid, Routes, piece_numel
+
+if TYPE_CHECKING:
+    from megatron_rence.planning.sync_phase import PhaseCost
 
 ALIGN = 64  # bytes; weights/sync.py's pack alignment (a test keeps them equal)
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -48,9 +54,9 @@ class SyncTensor:
 
 @dataclass(frozen=True)
 class Bandwidth:
-    nvlink_gbps: float = 450.0  # per GPU, each direction (1e9 bytes/s)
-    ib_gbps: float = 50.0  # per GPU, each direction
-    hbm_gbps: float = 2000.0  # device copy
+    allgather_busbw_gbps: float = 340.0  # nccl-tests all_gather_perf busbw, 8 x H100 (1e9 bytes/s)
+    ib_gbps: float = 46.0  # per GPU, each direction
+    hbm_gbps: float = 1675.0  # device copy
     latency_us: float = 20.0
     engine_copies: int = 2
 
@@ -132,6 +138,7 @@ class SyncCost:
     engine_s: float
     latency_s: float
     busiest_rank: int
+    phase: Optional["PhaseCost"] = None  # the whole sync phase (planning/sync_phase.py)
 
     @property
     def estimate_s(self) -> float:
@@ -151,17 +158,21 @@ class SyncCost:
                 "max_rank_recv_gb": self.max_rank_recv / 1e9, "model_gb": self.model_bytes / 1e9,
                 "busiest_rank": self.busiest_rank, "busiest_sent_inter_gb": busiest.sent_inter / 1e9,
                 "busiest_sent_intra_gb": busiest.sent_intra / 1e9, "transfer_s": self.transfer_s,
-                "engine_s": self.engine_s, "latency_s": self.latency_s}
+                "engine_s": self.engine_s, "latency_s": self.latency_s,
+                **(self.phase.to_json() if self.phase is not None else {})}
 
 
 def _transfer_seconds(c: ByteCount, bw: Bandwidth) -> float:
-    return (max(c.sent_intra, c.recv_intra) / (bw.nvlink_gbps * 1e9)
+    return (max(c.sent_intra, c.recv_intra) / (bw.allgather_busbw_gbps * 1e9)
             + max(c.sent_inter, c.recv_inter) / (bw.ib_gbps * 1e9))
 
 
 def sync_cost(cfg: Config, vocab_size: int, world_size: int, gpus_per_node: int,
-              bw: Bandwidth = Bandwidth()) -> SyncCost:
-    """The cost of one weight sync of `cfg` on `world_size` GPUs, `gpus_per_node` per node."""
+              bw: Bandwidth = Bandwidth(), rates=None) -> SyncCost:
+    """The cost of one weight sync of `cfg` on `world_size` GPUs, `gpus_per_node` per node, and of the whole
+    sync phase around it (`rates`: sync_phase.PhaseRates, default H100)."""
+    from megatron_rence.planning.sync_phase import PhaseRates, params_per_gpu, phase_cost
+
     m, p = cfg.model, cfg.parallel
     dp = world_size // (p.tp * p.pp * p.cp)
     grid = Grid.megatron(p.tp, p.pp, dp, p.cp)
@@ -177,5 +188,8 @@ def sync_cost(cfg: Config, vocab_size: int, world_size: int, gpus_per_node: int,
     stage_bytes = max(sum(t.numel for t in tensors if t.stage == s) * itemsize for s in range(p.pp))
     rounds = max(1, -(-stage_bytes // cfg.weights.bucket_bytes)) * max(p.pp - 1, 1)
     calls = counts[busiest].collectives + rounds
-    return SyncCost(counts, engine_bytes, model_bytes, _transfer_seconds(counts[busiest], bw),
+    cost = SyncCost(counts, engine_bytes, model_bytes, _transfer_seconds(counts[busiest], bw),
                     bw.engine_copies * engine_bytes / (bw.hbm_gbps * 1e9), calls * bw.latency_us * 1e-6, busiest)
+    cost.phase = phase_cost(cfg, vocab_size, cost, tensors, params_per_gpu(cfg, vocab_size), dp,
+                            rates if rates is not None else PhaseRates(hbm_copy_gbps=bw.hbm_gbps))
+    return cost

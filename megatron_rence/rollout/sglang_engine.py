@@ -1,4 +1,5 @@
-"""The colocated SGLang rollout engine (GPU): one in-process `sglang.Engine` per inference TP group.
+"""The colocated SGLang rollout engine: one in-process `sglang.Engine` per inference TP group (GPU; on CPU,
+train.device=cpu, SGLang's native-torch path, which the `sglang` test tier runs: tests/sglang/).
 
 Written against SGLang 0.5.5.post3 (the Dockerfile's pin; read from its wheel, python/sglang/srt/):
 entrypoints/engine.py (`Engine`: each sync method runs `loop.run_until_complete(tokenizer_manager.X(obj, None))`),
@@ -12,7 +13,8 @@ request object ourselves, exactly as that method does, which also lets every cal
 - lifecycle: the group's first rank starts the engine with dummy weights (`load_format="dummy"`) on
   GPUs base_gpu_id .. base_gpu_id + tp - 1, `enable_memory_saver`, the recipe's memory fraction;
   the trainer pushes real weights before the first rollout.
-- per step (rollout/engine.py): generate -> release_memory (flush_cache, then release all tags) ->
+- per step (rollout/engine.py): generate -> release_memory (flush_cache, retried while SGLang's scheduler
+  still holds a batch, up to `rollout.sglang.flush_timeout_s`; then release all tags) ->
   resume_memory(["weights"]) -> update_weights per bucket (sglang_transport.py) -> resume_memory(["kv_cache"]).
 - crashes: each call polls the engine's processes every `health_poll_s` and SGLang's SIGQUIT (which its
   children send to us, and which would otherwise kill the trainer) only marks the engine dead. A crash
@@ -38,6 +40,7 @@ import asyncio
 import atexit
 import os
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -46,7 +49,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from megatron_rence.lifecycle import descendants, stop_signals_blocked
+from megatron_rence.lifecycle import descendants, start_resource_tracker, stop_signals_blocked
 from megatron_rence.rollout.engine import EngineRestartedError  # noqa: F401  (raised here; re-exported)
 from megatron_rence.rollout.sglang_transport import BucketSender, sglang_payload, sglang_serialize
 from megatron_rence.rollout.types import Completion, GenerateRequest, SamplingParams, group_rows
@@ -60,13 +63,23 @@ class EngineCrashed(RuntimeError):
 
 
 # ---- pure pieces: server arguments, sampling parameters, outputs ---------------------------------------
-def server_kwargs(s, model_dir: str, dtype: str, seed: int, base_gpu_id: int, engine_on_node: int) -> dict:
-    """`sglang.Engine(**kwargs)` for `rollout.sglang` section `s` (SGLangConfig); see ServerArgs."""
+def server_kwargs(s, model_dir: str, dtype: str, seed: int, base_gpu_id: int, engine_on_node: int,
+                  device: str = "cuda") -> dict:
+    """`sglang.Engine(**kwargs)` for `rollout.sglang` section `s` (SGLangConfig); see ServerArgs.
+
+    `device="cpu"` (train.device=cpu): SGLang's CPU path (torch_native attention, no CUDA graphs); the
+    memory saver is CUDA-only there (torch_memory_saver needs libcuda), so it is off whatever the recipe
+    says, and the idle scheduler sleeps instead of spinning a core."""
     port = s.base_port + 100 * engine_on_node
     kwargs = dict(model_path=model_dir, tokenizer_path=model_dir, load_format="dummy", dtype=DTYPES[dtype],
                   tp_size=s.tp, base_gpu_id=base_gpu_id, mem_fraction_static=s.mem_fraction_static,
                   enable_memory_saver=s.enable_memory_saver, random_seed=seed, port=port, nccl_port=port + 1,
                   log_level=s.log_level, skip_server_warmup=True)
+    if s.deterministic_inference:
+        kwargs["enable_deterministic_inference"] = True
+    if device == "cpu":
+        kwargs.update(device="cpu", base_gpu_id=0, enable_memory_saver=False, disable_cuda_graph=True,
+                      sleep_on_idle=True)
     for key, text in s.extra_args.items():
         kwargs[key] = yaml.safe_load(text) if isinstance(text, str) else text
     return kwargs
@@ -115,13 +128,22 @@ def check_fp8_shapes(model_cfg, engine_tp: int) -> None:
 
 
 def write_model_dir(hf_config, tokenizer, path: Path, fp8: bool) -> Path:
-    """config.json + tokenizer files: all SGLang needs to build the model with dummy weights."""
+    """config.json + tokenizer files: all SGLang needs to build the model with dummy weights.
+
+    Written so that SGLang's transformers (4.57.1) reads the same RoPE base and tokenizer as ours
+    (weights/portable.py); `architectures` picks SGLang's model class (its ServerArgs fails without it)."""
+    from megatron_rence.weights.portable import make_portable
+
+    if not getattr(hf_config, "architectures", None):
+        raise ValueError(f"{path}: the model config has no `architectures` (e.g. ['LlamaForCausalLM']); "
+                         "SGLang picks its model class from it")
     path.mkdir(parents=True, exist_ok=True)
     if fp8:  # the sync stream then carries float8_e4m3fn weights with 128x128 block scales
         hf_config.quantization_config = {"quant_method": "fp8", "activation_scheme": "dynamic",
                                          "weight_block_size": [128, 128]}
     hf_config.save_pretrained(str(path))
     tokenizer.save_pretrained(str(path))
+    make_portable(path)
     return path
 
 
@@ -136,7 +158,7 @@ def _alive(pid: int) -> bool:
 @dataclass
 class Backend:
     """What the adapter takes from SGLang: the Engine class and its request dataclasses (io_struct).
-    Tests pass a fake engine (SGLang cannot run without CUDA)."""
+    Unit tests pass a fake engine; the `sglang` tier (tests/sglang/) runs the real one on CPU."""
 
     make_engine: Callable[..., Any]
     io: Any
@@ -158,7 +180,7 @@ class SGLangEngine:
 
     def __init__(self, kwargs: dict, group=None, *, backend: Optional[Backend] = None, max_restarts: int = 2,
                  poll_s: float = 5.0, make_payload: Callable = sglang_payload, serialize: Callable = sglang_serialize,
-                 request_timeout_s: Optional[float] = None):
+                 request_timeout_s: Optional[float] = None, flush_timeout_s: float = 60.0):
         self.kwargs = kwargs
         self.sender = BucketSender(kwargs["tp_size"], group, make_payload, serialize)
         self.is_owner = self.sender.is_owner
@@ -166,6 +188,8 @@ class SGLangEngine:
         self.max_restarts = max_restarts
         self.poll_s = poll_s
         self.request_timeout_s = request_timeout_s  # None: unbounded
+        self.flush_timeout_s = flush_timeout_s
+        self.flush_retries = 0  # flush_cache calls answered "not now" (the scheduler still held a batch)
         self.memory_saver = bool(kwargs.get("enable_memory_saver", False))
         self.weight_version = 0
         self.num_restarts = 0
@@ -184,9 +208,14 @@ class SGLangEngine:
 
     @classmethod
     def from_config(cls, cfg, hf_config, tokenizer, group=None) -> "SGLangEngine":
+        from megatron_rence.config import ConfigError
+
         s = cfg.rollout.sglang
         if s.fp8_weights:
             check_fp8_shapes(cfg.model, s.tp)
+        if s.deterministic_inference and cfg.train.device == "cpu":  # SGLang's own error blames the user
+            raise ConfigError("rollout.sglang.deterministic_inference=true needs one of SGLang's GPU attention "
+                              "backends (flashinfer, fa3, triton); on train.device=cpu it runs torch_native")
         rank = dist.get_rank() if dist.is_initialized() else 0
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         base_gpu_id = torch.cuda.current_device() if torch.cuda.is_available() else local_rank
@@ -194,12 +223,14 @@ class SGLangEngine:
         owner = group is None or dist.get_rank(group) == 0
         if owner:
             write_model_dir(hf_config, tokenizer, model_dir, s.fp8_weights)
-        kwargs = server_kwargs(s, str(model_dir), cfg.model.dtype, cfg.train.seed, base_gpu_id, local_rank // s.tp)
+        kwargs = server_kwargs(s, str(model_dir), cfg.model.dtype, cfg.train.seed, base_gpu_id, local_rank // s.tp,
+                               device="cpu" if cfg.train.device == "cpu" else "cuda")
         return cls(kwargs, group, max_restarts=s.max_restarts, poll_s=s.health_poll_s,
-                   request_timeout_s=s.request_timeout_s)
+                   request_timeout_s=s.request_timeout_s, flush_timeout_s=s.flush_timeout_s)
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     def _start(self) -> None:
+        start_resource_tracker()  # CPython's, shared by every spawn of this process: not one of the engine's
         before = descendants(os.getpid())
         term_handler = signal.getsignal(signal.SIGTERM)
         with stop_signals_blocked():  # the engine's processes inherit the block: a job-wide SIGTERM spares them
@@ -229,11 +260,15 @@ class SGLangEngine:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        for pid in self._pids:
-            try:
-                os.waitpid(pid, os.WNOHANG)  # reap direct children; others are reaped by their parent
-            except ChildProcessError:
-                pass
+        deadline = time.monotonic() + 5.0
+        for pid in self._pids:  # reap direct children (no zombies left); others are reaped by their parent
+            while True:
+                try:
+                    if os.waitpid(pid, os.WNOHANG)[0] or time.monotonic() > deadline:
+                        break
+                except ChildProcessError:
+                    break
+                time.sleep(0.02)
         self._pids, self.engine = set(), None
 
     def restart(self) -> None:
@@ -281,8 +316,33 @@ class SGLangEngine:
         return self.engine.loop.run_until_complete(guarded())
 
     def _flush(self) -> None:
-        out = self._call(lambda: self.engine.tokenizer_manager.flush_cache())
-        assert getattr(out, "success", True), "SGLang flush_cache failed (requests still running?)"
+        """SGLang's flush_cache, retried until it succeeds or `flush_timeout_s` has passed.
+
+        It fails while the scheduler still holds a batch: right after `generate` returned, SGLang's overlap
+        scheduler (the default) may still hold the finished one for a moment. Past the deadline: an error
+        naming the requests the tokenizer manager still waits on."""
+        tm = self.engine.tokenizer_manager
+        start = time.monotonic()
+
+        async def flush_until_done():
+            delay, attempts = 0.01, 0
+            while True:
+                attempts += 1
+                out = await tm.flush_cache()
+                if getattr(out, "success", True):
+                    return
+                self.flush_retries += 1
+                if time.monotonic() - start >= self.flush_timeout_s:
+                    pending = sorted(getattr(tm, "rid_to_state", {}))
+                    raise RuntimeError(
+                        f"SGLang flush_cache still failing after {attempts} attempts in "
+                        f"{time.monotonic() - start:.1f} s (rollout.sglang.flush_timeout_s="
+                        f"{self.flush_timeout_s:g}): the scheduler still holds requests; pending in the "
+                        f"tokenizer manager: {pending[:20] or 'none'}{' ...' if len(pending) > 20 else ''}")
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 1.0)
+
+        self._call(flush_until_done)
         self._cache_dirty = False
 
     # ---- RolloutEngine -----------------------------------------------------------------------------
@@ -345,8 +405,11 @@ class SGLangEngine:
         return submit
 
     def release_memory(self) -> None:
-        """Flush the prefix cache, then release weights, KV cache and CUDA graphs (memory saver only)."""
-        if not self.is_owner or not self.memory_saver:
+        """Flush the prefix cache, then release weights, KV cache and CUDA graphs.
+
+        Without SGLang's memory saver (always so on CPU) SGLang still runs the same protocol (flush, tag
+        bookkeeping, buffer stash) and only the CUDA pause is a no-op: nothing is freed then."""
+        if not self.is_owner:
             return
         self._flush()
         tags = [t for t in ALL_TAGS if t not in self._released]

@@ -27,6 +27,7 @@ from megatron_rence.config import ModelConfig, ParallelConfig
 from megatron_rence.weights.hf_config import model_config_from_hf, to_hf_config
 from megatron_rence.weights.mapping import dims_of, get_mapping
 from megatron_rence.weights.plan import global_name, split_tp_shards, unwrap
+from megatron_rence.weights.portable import make_portable
 
 HF_SIDE_DIR = "hf"  # OUT/hf: the source model's config.json and tokenizer files
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -273,6 +274,7 @@ def export_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, recipe: Optio
     hf_config.save_pretrained(out)
     if side is not None:
         copy_side_files(side, out, TOKENIZER_FILES)
+    make_portable(out)  # transformers 4.57.1 (SGLang's) reads the same RoPE base and tokenizer
     return out
 
 

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from megatron_rence.weights.portable import make_portable
+
 CHECK_PROMPT = "What is 2 + 3?"
 
 
@@ -87,6 +89,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, dtype: torch.dtype = torch.floa
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        make_portable(tmp)  # transformers 4.57.1 (SGLang's) reads the same RoPE base and tokenizer
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -11,7 +11,11 @@ already hold its pieces, in every data/context replica at once (weights/routes.p
         --(FP8: quantised tensor by tensor) --> the bucket is yielded on engine-feeding ranks
 
 A bucket is dropped by the caller after `engine.update_weights`, so the extra memory per rank is about
-one bucket (its full tensors) plus the owner's or relay's pack (bucket / TP). Each rank counts the bytes it
+one bucket (its full tensors) plus the owner's or relay's pack (bucket / TP). With `overlap` (the default,
+weights.overlap_gather) the exchange and TP all-gathers of bucket i + 1 are started before bucket i is
+handed to the engine: on GPU they run on NCCL's streams (on CPU, gloo's threads) while the engine loads
+bucket i, for one more bucket of gather buffers. Every rank issues the same collectives in the same order
+either way, and the tensors are the same bits. Each rank counts the bytes it
 sends and receives (`routes.ByteCount`; intra- vs inter-node from `gpus_per_node`, default the
 LOCAL_WORLD_SIZE environment variable of torchrun / the Slurm launch scripts).
 """
@@ -104,7 +108,6 @@ class Transport:
         self.strategy = routes.strategy(self.replica, self.stage)
         self.feeds = self.me in routes.dst_ranks
         self._params: dict[int, dict] = {}
-        self._offsets: dict[tuple[int, bool], dict] = {}  # (owner stage, same_stage) -> the bucket's pack layout
 
     def _param(self, plan: TensorPlan) -> torch.Tensor:
         if plan.chunk not in self._params:
@@ -162,22 +165,27 @@ class Transport:
                     request.wait()
         return held
 
-    def _received_piece(self, held, plan: TensorPlan, source_t: int) -> torch.Tensor:
+    def _received_piece(self, held, offsets, plan: TensorPlan, source_t: int) -> torch.Tensor:
         """Piece `source_t` of `plan` from a received pack (laid out by `_layout` for its owner's tensors)."""
-        offset, numel = self._offsets[(plan.pp_rank, plan.pp_rank == self.stage)][plan.name]
+        offset, numel = offsets[(plan.pp_rank, plan.pp_rank == self.stage)][plan.name]
         return held[(plan.pp_rank, source_t)][offset:offset + numel * plan.dtype.itemsize].view(plan.dtype)
 
-    def full_tensors(self, bucket: list[TensorPlan], held) -> Iterator[tuple[TensorPlan, torch.Tensor]]:
-        """(plan, full tensor) for each tensor of the bucket, on engine-feeding ranks (and TP all-gathers on
-        every rank of an "all" stage)."""
+    def start(self, bucket: list[TensorPlan]) -> list:
+        """Run the bucket's pack rounds and put every TP all-gather of it in flight (collective on every
+        rank); returns the pending (plan, (kind, value, work)) that `full_tensors` finishes."""
+        by_owner: dict[int, list[TensorPlan]] = {}
+        for plan in bucket:
+            by_owner.setdefault(plan.pp_rank, []).append(plan)
+        held = self.exchange(by_owner)
         if self.strategy == "none" or (self.strategy == "some" and not self.feeds):
-            return
-        self._offsets.clear()
-        for owner in {p.pp_rank for p in bucket}:
-            plans = [p for p in bucket if p.pp_rank == owner]
-            for same in (False, True):
-                self._offsets[(owner, same)] = _layout(plans, self.tp, same)[0]
-        pending = [(plan, self._start(plan, held)) for plan in bucket]  # every all-gather in flight
+            return []
+        offsets = {(owner, same): _layout(plans, self.tp, same)[0]
+                   for owner, plans in by_owner.items() for same in (False, True)}
+        return [(plan, self._start(plan, held, offsets)) for plan in bucket]
+
+    def full_tensors(self, pending: list) -> Iterator[tuple[TensorPlan, torch.Tensor]]:
+        """(plan, full tensor) for each tensor of a bucket `start`ed, on engine-feeding ranks (and TP
+        all-gathers on every rank of an "all" stage)."""
         for i, (plan, (kind, value, work)) in enumerate(pending):
             pending[i] = None  # the gathered buffer lives no longer than its full tensor
             if work is not None:
@@ -185,16 +193,16 @@ class Transport:
             yield plan, value if kind == "full" else _assemble(plan, value, self.tp)
             del value, work
 
-    def _start(self, plan: TensorPlan, held):
+    def _start(self, plan: TensorPlan, held, offsets):
         """('full', tensor, None) when no gather is needed, else ('flat', tp x piece buffer, async work or None)."""
         own = plan.pp_rank == self.stage
         if own and (plan.tp_dim is None or self.tp == 1):  # this rank holds the full tensor
             return "full", self._param(plan), None
         if self.strategy == "some":
-            pieces = [self._local_piece(plan) if own and t == self.t else self._received_piece(held, plan, t)
-                      for t in range(self.tp)]
+            pieces = [self._local_piece(plan) if own and t == self.t
+                      else self._received_piece(held, offsets, plan, t) for t in range(self.tp)]
             return "flat", torch.cat(pieces), None
-        piece = self._local_piece(plan) if own else self._received_piece(held, plan, self.t)
+        piece = self._local_piece(plan) if own else self._received_piece(held, offsets, plan, self.t)
         if self.tp == 1:
             return "flat", piece, None
         flat = torch.empty(piece.numel() * self.tp, dtype=plan.dtype, device=piece.device)
@@ -210,30 +218,34 @@ class Transport:
 
 def iter_hf_buckets(model_chunks: list, model_cfg, vocab_size: int, bucket_bytes: int, pstate,
                     dst_ranks: Sequence[int] = (0,), count: Optional[ByteCount] = None,
-                    gpus_per_node: Optional[int] = None, fp8: bool = False) -> Iterator[list[tuple[str, torch.Tensor]]]:
+                    gpus_per_node: Optional[int] = None, fp8: bool = False,
+                    overlap: bool = True) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Buckets of (HF name, full tensor); yields only on `dst_ranks`, but every rank must run it to the end.
 
     `count` (optional) accumulates this rank's bytes sent and received; `fp8` quantises each linear weight
-    to block FP8 as soon as its full tensor is built (weights/quantize.py)."""
+    to block FP8 as soon as its full tensor is built (weights/quantize.py); `overlap` starts the collectives
+    of the next bucket before yielding one (module docstring)."""
     mapping = get_mapping(model_cfg.arch)  # to_hf reads TE-fused and local norm names alike
     dims = dims_of(model_cfg, vocab_size)
     plans, grid = _plan(model_chunks, pstate, model_cfg.tie_word_embeddings)
     routes = Routes(grid, frozenset(dst_ranks))
     transport = Transport(model_chunks, pstate, routes, count if count is not None else ByteCount(), gpus_per_node)
-    for bucket in make_buckets(plans, bucket_bytes):
-        by_owner: dict[int, list[TensorPlan]] = {}
-        for plan in bucket:
-            by_owner.setdefault(plan.pp_rank, []).append(plan)
-        held = transport.exchange(by_owner)
+    buckets = make_buckets(plans, bucket_bytes)
+    pending = transport.start(buckets[0]) if buckets else []
+    for i in range(len(buckets)):
         out: list[tuple[str, torch.Tensor]] = []
-        for plan, full in transport.full_tensors(bucket, held):
+        for plan, full in transport.full_tensors(pending):
             if transport.feeds:
                 hf = mapping.to_hf(plan.name, full, dims)
                 out.extend(quantize_bucket(hf) if fp8 else hf)
             del full
-        del held
+        last = i + 1 == len(buckets)
+        pending = transport.start(buckets[i + 1]) if overlap and not last else []
         if transport.feeds:
             yield out
+        del out
+        if not overlap and not last:
+            pending = transport.start(buckets[i + 1])
 
 
 def _max_over_ranks(values: list[float], pstate) -> list[float]:
@@ -246,7 +258,7 @@ def _max_over_ranks(values: list[float], pstate) -> list[float]:
 
 def push_weights(model_chunks: list, model_cfg, vocab_size: int, engine, version: int, bucket_bytes: int,
                  pstate, dst_ranks: Sequence[int] = (0,), fp8: bool = False,
-                 gpus_per_node: Optional[int] = None) -> dict[str, float]:
+                 gpus_per_node: Optional[int] = None, overlap: bool = True) -> dict[str, float]:
     """Stream the trainer's weights into `engine` (on `dst_ranks`; None elsewhere) as weight `version`.
 
     `fp8`: linear weights are quantised to block FP8 on the destination rank (weights/quantize.py) before
@@ -259,7 +271,7 @@ def push_weights(model_chunks: list, model_cfg, vocab_size: int, engine, version
     count = ByteCount()
     num_bytes = num_buckets = 0
     for bucket in iter_hf_buckets(model_chunks, model_cfg, vocab_size, bucket_bytes, pstate, dst_ranks,
-                                  count=count, gpus_per_node=gpus_per_node, fp8=fp8):
+                                  count=count, gpus_per_node=gpus_per_node, fp8=fp8, overlap=overlap):
         num_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
         num_buckets += 1
         if engine is not None:

@@ -5,6 +5,10 @@ Layouts (one launch, one after another): DP2 x TP2 feeding two SGLang-style engi
 rank) and feeding the CPU engine (rank 0 only: the other replica moves nothing); TP2 x PP2 with tied embeddings
 and QKV bias (Qwen2) feeding every rank, plus its FP8 stream; PP2 x VPP2 x DP2 (TP1). The grid the transport
 gathers from the live groups must be megatron's order as the cost model assumes it.
+
+Overlap (weights.overlap_gather, the default): when bucket i reaches the engine, the all-gathers of bucket
+i + 1 are already in flight (the byte counter's collectives at each hand-over run one bucket ahead of the
+serial stream's), and the stream is bit-for-bit the serial one.
 """
 import faulthandler
 from pathlib import Path
@@ -63,6 +67,16 @@ def _counts(c: ByteCount) -> tuple:
     return c.sent_intra, c.sent_inter, c.recv_intra, c.recv_inter, c.collectives
 
 
+def _stream(chunks, model_cfg, pstate, dst, count: ByteCount, overlap: bool):
+    """The buckets (cloned) and this rank's all-gathers started so far at each bucket's hand-over."""
+    buckets, started = [], []
+    for b in sync.iter_hf_buckets(chunks, model_cfg, VOCAB, BUCKET_BYTES, pstate, dst, count=count,
+                                  gpus_per_node=GPUS_PER_NODE, overlap=overlap):
+        started.append(count.collectives)
+        buckets.append([(n, t.clone()) for n, t in b])
+    return buckets, started
+
+
 def _run(cases: list[tuple[str, str, dict, list[int], bool]]) -> dict:
     faulthandler.dump_traceback_later(TIMEOUT - 60, exit=False)
     torch.set_num_threads(1)
@@ -75,10 +89,14 @@ def _run(cases: list[tuple[str, str, dict, list[int], bool]]) -> dict:
         chunks = build_model(model_cfg, layout, VOCAB)
         init_from_hf(chunks, model_cfg, VOCAB, pstate)
         count = ByteCount()
-        buckets = [[(n, t.clone()) for n, t in b] for b in sync.iter_hf_buckets(
-            chunks, model_cfg, VOCAB, BUCKET_BYTES, pstate, dst, count=count, gpus_per_node=GPUS_PER_NODE)]
+        buckets, ahead = _stream(chunks, model_cfg, pstate, dst, count, overlap=True)
+        serial, behind = _stream(chunks, model_cfg, pstate, dst, ByteCount(), overlap=False)
         result = {"buckets": buckets, "count": _counts(count), "messages": count.messages,
-                  "grid": sync._plan(chunks, pstate, model_cfg.tie_word_embeddings)[1].ranks}
+                  "grid": sync._plan(chunks, pstate, model_cfg.tie_word_embeddings)[1].ranks,
+                  "collectives_at_handover": (ahead, behind),
+                  "serial_equal": len(serial) == len(buckets) and all(
+                      [n for n, _ in a] == [n for n, _ in b] and all(torch.equal(x, y) for (_, x), (_, y) in zip(a, b))
+                      for a, b in zip(serial, buckets))}
         if fp8:  # quantised tensor by tensor in the stream == the whole bucket quantised afterwards
             streamed = list(sync.iter_hf_buckets(chunks, model_cfg, VOCAB, BUCKET_BYTES, pstate, dst, fp8=True))
             result["fp8_equal"] = len(streamed) == len(buckets) and all(
@@ -120,6 +138,12 @@ def test_every_feeding_rank_gets_the_checkpoint_and_bytes_match_the_cost_model(t
                 assert torch.equal(seen[hf_name], tensor), (name, rank, hf_name)
             if fp8:
                 assert result["fp8_equal"], (name, rank)
+            assert result["serial_equal"], (name, rank)
+            ahead, behind = result["collectives_at_handover"]
+            assert len(ahead) == len(behind) > 1, (name, rank)
+            assert ahead == behind[1:] + behind[-1:], (name, rank, ahead, behind)  # one bucket ahead
+            if layout.tp > 1 and dst != HF_ENGINE:
+                assert ahead[0] > behind[0], (name, rank)
         expected = rank_bytes(sync_tensors(model_cfg, layout, VOCAB), grid, dst, 4, GPUS_PER_NODE)
         got = [r[name]["count"] for r in per_rank]
         assert got == [_counts(c) for c in expected], (name, got, expected)

@@ -22,7 +22,8 @@ def tiny_model(tokenizer, seed):
     config = LlamaConfig(vocab_size=128, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=False, torch_dtype="bfloat16")
+                         bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=False, torch_dtype="bfloat16",
+                         rope_theta=10000.0, architectures=["LlamaForCausalLM"])  # SGLang's ServerArgs needs it
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     with torch.no_grad():

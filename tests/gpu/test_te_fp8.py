@@ -72,8 +72,13 @@ def test_default_spec_on_a_gpu_is_te_or_says_why_not(cuda_state):
     assert "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight" in names
 
 
-def test_te_spec_bf16_forward_backward(gpu_state):
+def test_te_spec_bf16_forward_backward(gpu_state, monkeypatch):
+    from megatron_rence.megatron import model as model_module
+
+    # a bare module (no DDP, so no main_grad): without gradient_accumulation_fusion, which writes into main_grad
+    monkeypatch.setattr(model_module, "grad_accum_extension_available", lambda: False)
     model = build_model(ModelConfig(**CFG), ParallelConfig(), VOCAB)[0]
+    assert model.config.apply_rope_fusion and not model.config.gradient_accumulation_fusion
     names = dict(model.named_parameters())
     # TE fuses the pre-attention / pre-MLP norms into the following linear layers
     assert "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight" in names
@@ -99,6 +104,30 @@ def test_thd_packing_matches_padded(gpu_state):
         thd = lp.sequence_logprobs(tok, packed.loss_mask, seq_index=packed.seq_index,
                                    num_sequences=packed.num_sequences)
     torch.testing.assert_close(thd, padded, rtol=2e-2, atol=0.5)  # bf16 kernels differ between layouts
+
+
+def test_local_spec_thd_with_offsets_on_the_host_matches_padded(cuda_state, monkeypatch):
+    """Without TE, packed batches keep cu_seqlens on the host (model.local_thd_offsets_on_host): the unfused THD
+    RoPE and LocalCoreAttention read them without a device sync, and the result equals the padded layout."""
+    from megatron_rence.megatron import model as model_module
+
+    local = ModelConfig(**{**CFG, "transformer_impl": "local"})
+    assert model_module.local_thd_offsets_on_host(True, local)
+    model = build_model(local, ParallelConfig(), VOCAB)[0].eval()
+    assert not model.config.apply_rope_fusion and not model.config.gradient_accumulation_fusion
+    seqs = _sequences()
+    with torch.no_grad():
+        padded, _ = _padded_logliks(model, cuda_state, packing.pad_batch(seqs, pad_id=0))
+        host = packing.pack_thd(seqs, pad_id=0)
+        packed = host.to(cuda_state.device)
+        params = host.packed_seq_params()
+        params.cp_group = cuda_state.cp_group
+        assert not params.cu_seqlens_q.is_cuda
+        logits = model(packed.tokens, packed.position_ids, None, packed_seq_params=params)
+        tok = lp.logprobs_from_logits(logits, packed, cuda_state.tp_group, 1.0, VOCAB)
+        thd = lp.sequence_logprobs(tok, packed.loss_mask, seq_index=packed.seq_index,
+                                   num_sequences=packed.num_sequences)
+    torch.testing.assert_close(thd, padded, rtol=2e-2, atol=0.5)
 
 
 @pytest.mark.parametrize("recipe", ["delayed", "tensorwise", "blockwise"])

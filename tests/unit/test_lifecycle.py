@@ -114,6 +114,43 @@ def test_children_started_inside_the_block_inherit_it_and_the_mask_is_restored()
         child.wait()
 
 
+def test_first_spawn_inside_the_block_keeps_every_stop_signal_blocked_in_its_children(tmp_path):
+    """A fresh interpreter whose first multiprocessing spawn happens inside the block (as when the SGLang
+    engine is the first spawn of a training run): CPython starts its resource tracker there, which unblocked
+    SIGINT / SIGTERM in the caller, so the spawned process had only SIGUSR1 blocked (SigBlk 0x200)."""
+    script = textwrap.dedent("""
+        import multiprocessing as mp, signal, sys, time
+        from megatron_rence import lifecycle
+
+        def sleep():
+            time.sleep(60)
+
+        if __name__ == "__main__":
+            ctx = mp.get_context("spawn")
+            with lifecycle.stop_signals_blocked():
+                first = ctx.Process(target=sleep, daemon=True)
+                first.start()
+                second = ctx.Process(target=sleep, daemon=True)
+                second.start()
+            print(first.pid, second.pid, flush=True)
+            sys.stdin.readline()
+            first.kill()  # SIGTERM (daemon clean-up's terminate) is blocked in them
+            second.kill()
+    """)
+    (tmp_path / "first_spawn.py").write_text(script)
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "first_spawn.py")], cwd=REPO, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert len(pids) == 2, "the script did not start its children"
+        for pid in pids:
+            mask = _blocked_mask(pid)
+            assert all(mask & _bit(sig) for sig in lifecycle.STOP_SIGNALS), f"SigBlk {mask:#x} of pid {pid}"
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=60)
+
+
 def test_become_child_ignores_unblocks_and_exits_when_the_parent_is_already_gone():
     code = ("import os, signal; from megatron_rence import lifecycle\n"
             "lifecycle.become_child(os.getppid())\n"

@@ -151,6 +151,10 @@ def fake_te(monkeypatch, version: str, public: Optional[dict] = None, legacy: Op
     for name, module in (("transformer_engine", te), ("transformer_engine.pytorch", te_pt),
                          ("transformer_engine.pytorch.fp8", te_fp8)):
         monkeypatch.setitem(sys.modules, name, module)
+    # TE >= 1.4 has fused RoPE, which megatron binds at import (rope_utils) and the config turns on with TE
+    from megatron.core.models.common.embeddings import rope_utils
+
+    monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb_thd", lambda *args, **kwargs: None)
 
 
 @pytest.mark.parametrize("recipe, fp8", [("delayed", "hybrid"), ("tensorwise", "hybrid"), ("blockwise", "e4m3")])
@@ -253,3 +257,33 @@ def test_transformer_impl_recipe_key(tmp_path):
         load_recipe(repo / "recipes/demo_cpu.yaml", ["model.transformer_impl=te"])
     with pytest.raises(ConfigError, match=r"model\.fp8: .*needs model\.transformer_impl=transformer_engine"):
         load_recipe(repo / "recipes/rence_8b.yaml", ["model.fp8=delayed", "model.transformer_impl=local"])
+
+
+def test_gpu_fusions_follow_what_imports():
+    """On a GPU with Transformer Engine: fused RoPE (no per-layer cu_seqlens .tolist() in the THD path) and fused
+    wgrad accumulation when megatron's extension for its own output layer imports too; without TE, neither."""
+    from megatron_rence.megatron.model import gpu_fusions, local_thd_offsets_on_host
+
+    assert gpu_fusions(te=True, grad_accum_extension=True) == dict(apply_rope_fusion=True,
+                                                                   gradient_accumulation_fusion=True)
+    assert gpu_fusions(te=True, grad_accum_extension=False) == dict(apply_rope_fusion=True,
+                                                                    gradient_accumulation_fusion=False)
+    assert gpu_fusions(te=False, grad_accum_extension=True) == {}
+    assert not local_thd_offsets_on_host(False, ModelConfig())  # CPU: host and device are one
+    assert local_thd_offsets_on_host(True, ModelConfig(transformer_impl="local"))  # GPU, local spec
+    config = transformer_config(ModelConfig(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
+                                            num_query_groups=2), ParallelConfig(), use_cuda=False)
+    assert not config.apply_rope_fusion and not config.gradient_accumulation_fusion
+
+
+def test_gpu_transformer_config_turns_the_fusions_on_with_te(monkeypatch):
+    """transformer_config(use_cuda=True) takes gpu_fusions' fields (TE and the extension faked present: the
+    config's own checks import TE's fused RoPE: fake_te provides it)."""
+    from megatron_rence.megatron import model as model_module
+
+    fake_te(monkeypatch, "2.9.0+abc")
+    monkeypatch.setattr(model_module, "te_import_error", lambda: None)
+    monkeypatch.setattr(model_module, "grad_accum_extension_available", lambda: True)
+    config = transformer_config(ModelConfig(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
+                                            num_query_groups=2, dtype="bf16"), ParallelConfig(), use_cuda=True)
+    assert config.apply_rope_fusion and config.gradient_accumulation_fusion

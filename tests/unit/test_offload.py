@@ -94,3 +94,20 @@ def test_copy_weights_reloads_the_main_params(pstate):
     train(target, seqs, rewards)
     for p, q in zip(target.model_chunks[0].parameters(), source.model_chunks[0].parameters()):
         assert torch.equal(p, q)
+
+
+def test_pinned_offload_moves_nothing_on_cpu():
+    """CPU tensors stay where they are (nothing to free) and no CUDA call is made; GPU: tests/gpu/test_offload_pinned."""
+    from megatron_rence.megatron.offload import PinnedOffload
+
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    opt = torch.optim.Adam([p])
+    p.grad = torch.ones_like(p)
+    opt.step()
+    holder = type("Holder", (), {})()
+    holder.optimizer = opt
+    ptr, moments = p.data_ptr(), dict(opt.state[p])
+    pinned = PinnedOffload()
+    pinned.offload(holder)
+    pinned.restore()
+    assert p.data_ptr() == ptr and all(opt.state[p][k] is v for k, v in moments.items())

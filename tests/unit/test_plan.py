@@ -108,7 +108,7 @@ def test_memory_on_a_tiny_config_by_hand(tmp_path):
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY))
     cfg = load_recipe(tmp_path / "tiny.yaml")
     gib = 1024 ** 3
-    hw = Hardware(nodes=1, gpus_per_node=1, gpu_mem_gb=1.0, reserve_gb=0.0, engine_residue_gb=0.0)
+    hw = Hardware(nodes=1, gpus_per_node=1, gpu_mem_gb=1.0, context_gb=0.0, reserve_gb=0.0, engine_residue_gb=0.0)
     mem = memory_plan(cfg, hw, vocab_size=100, dp=1, num_microbatches=2)
     (stage,) = mem.stages
     items = {i.name: i.bytes for i in stage.items}
@@ -125,8 +125,10 @@ def test_memory_on_a_tiny_config_by_hand(tmp_path):
     assert items["engine KV cache"] == 0.5 * gib - 272000
     assert mem.engine.kv_bytes_per_token == 2 * 2 * 2 * 16 * 2 and mem.engine.kv_tokens == int((0.5 * gib - 272000) // 256)
     assert items["weight-sync buckets"] == 2 * 272000  # a bucket never exceeds the whole model
+    # SGLang's request table: int32 [min(max(2,096,089 tokens / 2048 * 512, 2048), 4096), 2048 + 4]
+    assert items["engine request table"] == 4096 * 2052 * 4
     # rollout and sync: gradients and optimizer state are off the GPU (megatron/offload.py), weights stay
-    assert stage.totals == {"rollout": rank * 2 + 0.5 * gib, "train": rank * (2 + 4 + 12) + 2 * 2448 * 64 + 69632,
+    assert stage.totals == {"rollout": rank * 2 + 0.5 * gib + 4096 * 2052 * 4, "train": rank * (2 + 4 + 12) + 2 * 2448 * 64 + 69632,
                             "sync": rank * 2 + 272000 + 544000}
     assert mem.fits and stage.peak_phase == "rollout" and mem.rollout_trainer_resident == rank * 2
     # every sequence of a step at full length: 2 prompts x 2 samples x (512 prompt + 16 new tokens), one engine
@@ -139,12 +141,34 @@ def test_offload_params_and_engine_residue_by_hand(tmp_path):
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY))
     cfg = load_recipe(tmp_path / "tiny.yaml", ["train.offload_params=true"])
     gib = 1024 ** 3
-    hw = Hardware(gpus_per_node=1, gpu_mem_gb=1.0, reserve_gb=0.0, engine_residue_gb=0.25)
+    hw = Hardware(gpus_per_node=1, gpu_mem_gb=1.0, context_gb=0.0, reserve_gb=0.0, engine_residue_gb=0.25)
     (stage,) = memory_plan(cfg, hw, 100, 1, 2).stages
     rank = 2 * 104 * 64 + 2 * 61568 + 64
-    assert stage.totals["rollout"] == 0.5 * gib + 0.25 * gib  # nothing of the trainer's: its weights are on CPU
+    # nothing of the trainer's: its weights are on CPU (+ the engine's request table)
+    assert stage.totals["rollout"] == 0.5 * gib + 0.25 * gib + 4096 * 2052 * 4
     assert stage.totals["sync"] == rank * 2 + 272000 + 544000 + 0.25 * gib  # the sync reads the weights
     assert stage.totals["train"] == rank * (2 + 4 + 12) + 2 * 2448 * 64 + 69632 + 0.25 * gib
+
+
+def test_kv_pool_is_sized_from_free_memory_after_contexts(tmp_path):
+    """SGLang's rule: KV = fraction x F - weights, F = GPU - contexts (min over the group); a restarted engine's
+    F also loses the trainer's rollout residue; the request table is outside the pool and sized from it."""
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    cfg = load_recipe(tmp_path / "tiny.yaml", ["model.max_position_embeddings=8192"])
+    gib = 1024 ** 3
+    hw = Hardware(gpus_per_node=1, gpu_mem_gb=2.0, context_gb=0.5, reserve_gb=0.0, engine_residue_gb=0.0)
+    mem = memory_plan(cfg, hw, 100, 1, 2)
+    kv = 0.5 * 1.5 * gib - 272000
+    assert mem.engine.kv_bytes == kv and mem.engine.kv_tokens == int(kv // 256)
+    rank = 2 * 104 * 64 + 2 * 61568 + 64
+    assert mem.kv_tokens_after_restart == int((0.5 * (1.5 * gib - rank * 2) - 272000) // 256)
+    # 3,144,670 tokens / 8192 * 512 = 196,541 requests -> capped at 4096; rows of 8192 + 4 int32
+    items = {i.name: i.bytes for i in mem.stages[0].items}
+    assert items["engine request table"] == 4096 * 8196 * 4
+    # a small pool: the floor of 2048 requests
+    small = memory_plan(load_recipe(tmp_path / "tiny.yaml", ["model.max_position_embeddings=131072",
+                                                              "rollout.sglang.mem_fraction_static=0.01"]), hw, 100, 1, 2)
+    assert {i.name: i.bytes for i in small.stages[0].items}["engine request table"] == 2048 * 131076 * 4
 
 
 def test_engine_without_memory_saver_keeps_its_pool_in_training(tmp_path):
@@ -282,3 +306,16 @@ def test_hints_never_suggest_offload_params_with_the_distributed_optimizer(tmp_p
     assert not any("offload_params" in hint for hint in dist_opt)
     offload = _hints(load_recipe(tmp_path / "tiny.yaml", ["train.offload_params=true"]), "train")
     assert "parallel.distributed_optimizer=true" not in offload
+
+
+def test_optimizer_kept_on_the_gpu_counts_in_every_phase(tmp_path):
+    """train.offload_optimizer=false: the Adam state (12 B/param here) stays through rollout and sync."""
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    hw = Hardware(gpus_per_node=1, gpu_mem_gb=1.0, context_gb=0.0, reserve_gb=0.0, engine_residue_gb=0.0)
+    moved = memory_plan(load_recipe(tmp_path / "tiny.yaml"), hw, 100, 1, 2)
+    kept = memory_plan(load_recipe(tmp_path / "tiny.yaml", ["train.offload_optimizer=false"]), hw, 100, 1, 2)
+    rank = 2 * 104 * 64 + 2 * 61568 + 64
+    for phase in ("rollout", "sync"):
+        assert kept.stages[0].totals[phase] - moved.stages[0].totals[phase] == rank * 12
+    assert kept.stages[0].totals["train"] == moved.stages[0].totals["train"]
+    assert kept.rollout_trainer_resident == moved.rollout_trainer_resident + rank * 12

@@ -1,5 +1,6 @@
 """Flattened weight buckets for SGLang: flatten/unflatten, dtype split, payload planning, gather over gloo;
-checked against SGLang's own FlattenedTensorBucket / MultiprocessingSerializer when sglang imports."""
+checked against SGLang's own FlattenedTensorBucket / MultiprocessingSerializer in the `sglang` tier
+(tests/sglang/test_adapter_types.py)."""
 import pickle
 
 import pytest
@@ -86,32 +87,3 @@ def test_sender_gathers_each_ranks_payload_to_the_owner_in_rank_order():
     assert other_calls == []
     assert [r for r, _ in owner_calls] == [0, 1]
     assert torch.equal(owner_calls[1][1], torch.ones(3)) and torch.equal(owner_calls[0][1], torch.zeros(3))
-
-
-def test_matches_sglang_flattened_bucket():
-    tensor_bucket = pytest.importorskip("sglang.srt.weight_sync.tensor_bucket")
-    named = split_by_dtype(bucket())[0]
-    flat, metas = flatten(named)
-    theirs = tensor_bucket.FlattenedTensorBucket(named_tensors=named)
-    assert torch.equal(theirs.get_flattened_tensor(), flat)
-    assert [vars(m) for m in theirs.get_metadata()] == [vars(m) for m in metas]
-    from megatron_rence.rollout.sglang_transport import sglang_payload
-
-    payload = sglang_payload(flat, metas)
-    rebuilt = tensor_bucket.FlattenedTensorBucket(flattened_tensor=payload["flattened_tensor"],
-                                                  metadata=payload["metadata"]).reconstruct_tensors()
-    for (n0, t0), (n1, t1) in zip(named, rebuilt):
-        assert n0 == n1 and torch.equal(t0, t1)
-
-
-def test_payload_survives_sglang_serializer():
-    pytest.importorskip("sglang.srt.utils")
-    from sglang.srt.utils import MultiprocessingSerializer
-
-    from megatron_rence.rollout.sglang_transport import sglang_payload, sglang_serialize
-
-    named = split_by_dtype(bucket())[1]
-    flat, metas = flatten(named)
-    data = sglang_serialize(sglang_payload(flat, metas))
-    back = MultiprocessingSerializer.deserialize(data)  # SGLang's restricted unpickler admits it
-    assert torch.equal(back["flattened_tensor"], flat) and back["metadata"][0].name == named[0][0]

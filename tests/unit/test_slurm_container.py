@@ -63,6 +63,8 @@ def test_base_versions_are_checked_and_compiled_packages_imported():
     imports = runs[-1]
     for module in ("transformer_engine.pytorch", "sgl_kernel", "sglang", "megatron.core", "megatron_rence"):
         assert module in imports, module
+    # after every install, transformers is still SGLang's pin (5.x would silently change the RoPE base)
+    assert "transformers.__version__ == '4.57.1'" in imports
 
 
 def test_every_pip_package_is_pinned():
