@@ -347,6 +347,15 @@ def _model_differences(meta: dict, model_config: Optional[dict]) -> str:
     return f" ({'; '.join(diffs)})" if diffs else ""
 
 
+def _shapes_differ(saved: tuple, wanted: tuple, padded_rows: bool) -> bool:
+    """Whether a stored tensor cannot load into this model's. megatron marks the vocab-padded tensors
+    (embedding, output layer: rows padded to a multiple of make_vocab_size_divisible_by x TP)
+    allow_shape_mismatch; their row count may differ, their other dimensions may not."""
+    if padded_rows:
+        return len(saved) != len(wanted) or saved[1:] != wanted[1:]
+    return saved != wanted
+
+
 def check_shapes(ckpt: Path, request: dict, meta: dict, model_config: Optional[dict] = None) -> None:
     """CheckpointLoadError naming the checkpoint and the first tensors whose global shape differs from this
     model's (or that the checkpoint lacks): a checkpoint of another model, found before megatron's loader
@@ -366,7 +375,7 @@ def check_shapes(ckpt: Path, request: dict, meta: dict, model_config: Optional[d
             continue
         if t.key not in saved:
             problems.append(f"{t.key}: not in the checkpoint")
-        elif tuple(saved[t.key].global_shape) != tuple(t.global_shape):
+        elif _shapes_differ(tuple(saved[t.key].global_shape), tuple(t.global_shape), t.allow_shape_mismatch):
             problems.append(f"{t.key}: shape {list(saved[t.key].global_shape)} in the checkpoint, "
                             f"{list(t.global_shape)} in this model")
     if problems:

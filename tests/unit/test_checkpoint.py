@@ -304,6 +304,9 @@ def test_a_checkpoint_of_another_model_names_the_checkpoint_the_tensor_and_the_s
         assert f"checkpoint {ckpt} holds another model" in text, text
         assert "embedding.word_embeddings.weight: shape [56, 32] in the checkpoint, [56, 64] in this model" in text
         assert "model.hidden_size: 32 in the checkpoint, 64 in this run" in text
+    other.model.hidden_size, other.model.make_vocab_size_divisible_by = 32, 16  # 64 vocab rows, not 56: padding
+    padded = Trainer(other, build_model(other.model, other.parallel, VOCAB), pstate, VOCAB)
+    assert padded.load(tmp_path, weights_only=True)["step"] == 1  # megatron loads padded rows (TP changes them)
 
 
 def test_nonfinite_weights_are_never_written_nor_made_latest(pstate, tmp_path):
