@@ -292,7 +292,10 @@ def _train_loop(cfg: Config, resume: bool) -> RunHistory:
         sync_weights(run, version=run.start_step)  # the engine starts from the trainer's weights
         if cfg.eval.at_start and run.start_step == 0:
             evaluate_at_start(run)
-        for step in range(run.start_step + 1, cfg.train.num_steps + 1):
+        if run.trainer.any_rank(stop.signum is not None):  # signalled during setup: the resumed state is the stop
+            history.stopped_at = _report_stop(run, stop, run.start_step, "before the first step")
+        last = cfg.train.num_steps if history.stopped_at is None else run.start_step
+        for step in range(run.start_step + 1, last + 1):
             metrics = _step_or_abandon(run, step, stop)
             if metrics is None:  # train.on_stop=abandon_step: the last completed step is the stop checkpoint
                 if step - 1 > saved:
@@ -353,8 +356,9 @@ def _report_stop(run: Run, stop: StopFlag, step: int, how: str) -> int:
                   "slurm_job": os.environ.get("SLURM_JOB_ID"), "slurm_restart": os.environ.get("SLURM_RESTART_COUNT")}
         with open(Path(run.cfg.train.run_dir) / "stops.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-    print(f"signal {stop.signum}: {how}; checkpoint written at step {step}, on disk {seconds:.2f} s after the "
-          "signal (perf/stop_to_checkpoint_s); exiting", flush=True)
+    signal_name = signal.Signals(stop.signum).name if stop.signum else "stop signal on another rank"
+    print(f"{signal_name}: {how}; checkpoint written at step {step}, on disk {seconds:.2f} s after the signal "
+          "(perf/stop_to_checkpoint_s); exiting", flush=True)
     return step
 
 

@@ -3,7 +3,7 @@
 # scripts by hand: Debian's Slurm (22.05 on bookworm) with munged, slurmctld and one or two slurmd started by
 # hand, no systemd, every file under one directory.
 #
-#   sudo tools/slurm_cluster.sh up DIR [--nodes 1|2] [--kill-wait S] [--grace S]
+#   sudo tools/slurm_cluster.sh up DIR [--nodes 1|2] [--kill-wait S] [--grace S] [--port P]
 #   export SLURM_CONF=DIR/slurm.conf      # then sbatch / squeue / scontrol / scancel talk to it
 #   sudo tools/slurm_cluster.sh down DIR  # stops the daemons it started, by the pids in DIR/pids
 #
@@ -16,20 +16,22 @@
 # `lowgrace` (the same with GraceTime=--grace, default 20 s) and `high` (preempts both). KillWait (the time
 # between SIGTERM and SIGKILL on scancel, the time limit, requeue and preemption without grace) is
 # --kill-wait (default 15 s; Slurm's default is 30). A requeued job may restart after 10 s (cred_expire).
+# Ports: slurmctld on --port (default 16817), the slurmds on the next one or two.
 set -euo pipefail
 
-usage() { echo "usage: $0 up|down DIR [--nodes 1|2] [--kill-wait S] [--grace S]" >&2; exit 2; }
+usage() { echo "usage: $0 up|down DIR [--nodes 1|2] [--kill-wait S] [--grace S] [--port P]" >&2; exit 2; }
 cannot() { echo "slurm_cluster: cannot run here: $*" >&2; exit 3; }
 
 [[ $# -ge 2 ]] || usage
 ACTION=$1 DIR=$2
 shift 2
-NODES=1 KILL_WAIT=15 GRACE=20
+NODES=1 KILL_WAIT=15 GRACE=20 PORT=16817
 while [[ $# -gt 0 ]]; do
     case $1 in
         --nodes) NODES=$2; shift 2 ;;
         --kill-wait) KILL_WAIT=$2; shift 2 ;;
         --grace) GRACE=$2; shift 2 ;;
+        --port) PORT=$2; shift 2 ;;  # slurmctld's; the slurmds take the next ones
         *) usage ;;
     esac
 done
@@ -100,7 +102,7 @@ node_names=("$HOST")
 {
     echo "ClusterName=rencetest"
     echo "SlurmctldHost=$HOST(127.0.0.1)"
-    echo "SlurmctldPort=16817"
+    echo "SlurmctldPort=$PORT"
     echo "SlurmUser=root"
     echo "AuthType=auth/munge"
     echo "AuthInfo=socket=$SOCKET,cred_expire=10"
@@ -128,7 +130,7 @@ node_names=("$HOST")
     echo "MpiDefault=none"
     echo "PreemptType=preempt/partition_prio"
     echo "PreemptMode=REQUEUE"
-    port=16818
+    port=$((PORT + 1))
     for n in "${node_names[@]}"; do
         echo "NodeName=$n NodeAddr=127.0.0.1 Port=$port CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN"
         port=$((port + 1))
