@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: env demo demo-real test test-all test-gpu clean
+.PHONY: env demo demo-real test test-all test-gpu test-slurm clean
 SMOLLM2 := models/smollm2-135m-instruct
 
 env:
@@ -20,6 +20,10 @@ demo-real: env
 
 test: env
 	$(PY) -m pytest -m "not gpu" $(ARGS)
+
+# The real-Slurm tier alone (root; installs Debian's Slurm if missing): tests/slurm, also part of `make test`.
+test-slurm: env
+	$(PY) -m pytest -m slurm tests/slurm $(ARGS)
 
 test-gpu: env
 	$(PY) -m pytest -m gpu tests/gpu $(ARGS)
