@@ -21,6 +21,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -28,12 +29,14 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-STEPS = 50
+STEPS = 50  # a run stopped by a command (scancel, requeue, preemption) right after its third step
+LONG = 300  # a run stopped by the time limit: Slurm checks limits every 30 s, after a trainer start of ~15-80 s
 TINY = ["model.num_layers=2", "model.hidden_size=32", "model.ffn_hidden_size=64", "model.num_attention_heads=4",
         "model.num_query_groups=2", "rollout.prompts_per_step=4", "rollout.num_samples=4",
         "train.global_batch_size=16", "train.micro_batch_size=8", "logging.progress_bar=false",
         "logging.tensorboard=false", "reward.num_workers=1", "data.synthetic.max_value=2", "rollout.max_new_tokens=2",
-        f"train.num_steps={STEPS}", "checkpoint.every=0", "logging.plot=false", "eval.every=0", "train.num_threads=1"]
+        "checkpoint.every=0", "logging.plot=false", "eval.every=0", "train.num_threads=1",
+        "optim.lr_decay_steps=1000"]  # fixed: step k of a 50-step run equals step k of the 300-step reference
 KEYS = ("loss/total", "reward/mean", "rollout/response_len_mean", "train/grad_norm")
 TIMEOUT = 420  # seconds per scenario, whatever the load
 
@@ -54,7 +57,8 @@ class Cluster:
         out = _run("scontrol", "-o", "show", "job", job_id, env=self.env, check=False).stdout
         return dict(re.findall(r"(\w+)=(\S*)", out))
 
-    def sbatch(self, run: str, *opts: str, cwd: Path = REPO, script: str = "slurm/rence.sbatch") -> str:
+    def sbatch(self, run: str, *opts: str, steps: int = STEPS, cwd: Path = REPO,
+               script: str = "slurm/rence.sbatch") -> str:
         run_dir = self.root / "runs" / run
         run_dir.mkdir(parents=True, exist_ok=True)
         export = ",".join(["ALL", f"PYTHON={sys.executable}", "PLAN=0", f"RUN_ROOT={self.root / 'runs'}",
@@ -62,7 +66,7 @@ class Cluster:
         cmd = ["sbatch", "--parsable", "--job-name", run, "--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=1",
                "--gpus-per-node=0", "--exclusive=user", "--time=30", f"--output={run_dir}/slurm-%j.out",
                f"--export={export}", *opts, str(REPO / script) if cwd != REPO else script, "recipes/demo_cpu.yaml",
-               *TINY]
+               *TINY, f"train.num_steps={steps}"]
         return _run(*cmd, env=self.env, cwd=cwd).stdout.strip().split(";")[0]
 
 
@@ -94,6 +98,7 @@ class Scenario:
 
     def __init__(self, cluster: Cluster, name: str):
         self.cluster, self.name = cluster, name
+        self.steps = LONG if name in ("reference", "warning_time_limit", "hard_time_limit") else STEPS
         self.run_dir = cluster.root / "runs" / name
         self.events: list[str] = []
         self.error: BaseException | None = None
@@ -130,7 +135,7 @@ def _scenarios(cluster: Cluster) -> dict[str, callable]:
     env = cluster.env
 
     def reference(s: Scenario):
-        s.wait_end(cluster.sbatch(s.name))
+        s.wait_end(cluster.sbatch(s.name, steps=s.steps))
 
     def requeued(s: Scenario, job: str, restore_limit: bool = False) -> None:
         """The job comes back on its own (same id, Restarts >= 1) and finishes."""
@@ -143,16 +148,16 @@ def _scenarios(cluster: Cluster) -> dict[str, callable]:
     def ended_then_resubmitted(s: Scenario, job: str, states: tuple[str, ...]) -> None:
         s.wait_stop_checkpoint()
         s.wait_end(job, states)
-        s.wait_end(cluster.sbatch(s.name))  # the user submits again: --resume continues the run dir
+        s.wait_end(cluster.sbatch(s.name, steps=s.steps))  # the user submits again: --resume continues the run dir
 
     def warning_time_limit(s: Scenario):
-        job = cluster.sbatch(s.name)  # rence.sbatch's own #SBATCH --signal=B:USR1@300
+        job = cluster.sbatch(s.name, steps=s.steps)  # rence.sbatch's own #SBATCH --signal=B:USR1@300
         s.wait_steps(job)
         _run("scontrol", "update", f"JobId={job}", "TimeLimit=5", env=env)  # < 300 s left: Slurm warns
         requeued(s, job, restore_limit=True)
 
     def warning_scancel_usr1(s: Scenario):
-        job = cluster.sbatch(s.name)
+        job = cluster.sbatch(s.name, cwd=cluster.root)  # submitted from outside the checkout
         s.wait_steps(job)
         _scancel_batch_usr1(s, job)
         requeued(s, job)
@@ -170,7 +175,7 @@ def _scenarios(cluster: Cluster) -> dict[str, callable]:
         ended_then_resubmitted(s, job, ("COMPLETED",))
 
     def hard_time_limit(s: Scenario):
-        job = cluster.sbatch(s.name, "--signal=B:CONT@1")  # no warning: the limit itself (SIGCONT is harmless)
+        job = cluster.sbatch(s.name, "--signal=B:CONT@1", steps=s.steps)  # no warning (SIGCONT is harmless)
         s.wait_steps(job)
         _run("scontrol", "update", f"JobId={job}", "TimeLimit=1", env=env)
         ended_then_resubmitted(s, job, ("TIMEOUT",))
@@ -226,10 +231,12 @@ def _free_ports(n: int) -> int:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster():
     if shutil.which("bash") is None:
         pytest.skip("no bash")
-    root = tmp_path_factory.mktemp("slurm")
+    # not under pytest's basetemp: another pytest session of the same user prunes old basetemps, and the
+    # cluster's state lives here for the whole module
+    root = Path(tempfile.mkdtemp(prefix="rence-slurm-tier-"))
     script = REPO / "tools" / "slurm_cluster.sh"
     up = subprocess.run(["bash", str(script), "up", str(root / "cluster"), "--nodes", "2", "--kill-wait", "20",
                          "--grace", "30", "--port", str(_free_ports(3))], capture_output=True, text=True, timeout=600)
@@ -244,6 +251,7 @@ def cluster(tmp_path_factory):
     finally:
         subprocess.run(["scancel", "--user=root"], env=env, capture_output=True, timeout=60)
         subprocess.run(["bash", str(script), "down", str(root / "cluster")], capture_output=True, timeout=120)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -289,7 +297,7 @@ def _processes_of(run_dir: Path) -> list[str]:
 
 def _check_run(s: Scenario, reference: list[dict]) -> None:
     records = _metrics(s.run_dir)
-    assert [r["step"] for r in records] == list(range(1, STEPS + 1)), f"{s.name}: every step once"
+    assert [r["step"] for r in records] == list(range(1, s.steps + 1)), f"{s.name}: every step once"
     for r in records:
         for key in KEYS:
             assert r[key] == pytest.approx(reference[r["step"] - 1][key], rel=1e-5, abs=1e-6), (s.name, r["step"], key)
@@ -300,8 +308,8 @@ def _check_run(s: Scenario, reference: list[dict]) -> None:
 def reference(scenarios):
     s = _result(scenarios, "reference")
     records = _metrics(s.run_dir)
-    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
-    assert not (s.run_dir / "stops.jsonl").exists() and _latest(s.run_dir) == STEPS
+    assert [r["step"] for r in records] == list(range(1, LONG + 1))
+    assert not (s.run_dir / "stops.jsonl").exists() and _latest(s.run_dir) == LONG
     return records
 
 
@@ -309,7 +317,7 @@ def _stop_checkpoint_was_at_the_current_step(s: Scenario) -> None:
     """The first stop's record names the step the trainer had logged last; only a stop writes checkpoints here
     (checkpoint.every=0), so the requeued / resubmitted job resumed from exactly that step."""
     stop = json.loads((s.run_dir / "stops.jsonl").read_text().splitlines()[0])
-    assert 0 <= stop["step"] < STEPS and stop["signal"] in (10, 15), stop
+    assert 0 <= stop["step"] < s.steps and stop["signal"] in (10, 15), stop
     assert stop["perf/stop_to_checkpoint_s"] is None or stop["perf/stop_to_checkpoint_s"] < 60, stop
     launcher = (s.run_dir / "logs" / "launcher.log").read_text()
     if stop["step"] > 0:
