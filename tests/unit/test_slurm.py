@@ -59,6 +59,10 @@ if mode == "sleep":
 elif mode == "ignore_stop":
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+if mode == "late":  # still importing when the warning comes: the handler is installed 2 s later
+    open(os.path.join(log, "started"), "w").write(str(os.getpid()))
+    time.sleep(2)
+    signal.signal(signal.SIGUSR1, on_stop)
 if mode != "exit":
     open(os.path.join(log, "started"), "w").write(str(os.getpid()))
     time.sleep(60)
@@ -205,6 +209,16 @@ def test_usr1_warning_forwards_sigusr1_then_requeues(sleeping):
     assert (log / "srun.signals").read_text().split() == ["USR1"], out
     assert (log / "scontrol.args").read_text().split() == ["requeue", "4242"], out
     assert rc == 0, out
+
+
+def test_warning_before_the_trainer_has_its_handler_is_not_lost(fake_slurm):
+    env, log, _ = fake_slurm  # SIGUSR1's default action would kill a trainer that is still starting up
+    env.update(FAKE_MODE="late", PLAN="0", SLURM_JOB_NUM_NODES="1")
+    rc, out = _start_and_signal(env, log, signal.SIGUSR1)
+    assert (log / "checkpointed").read_text() == "SIGUSR1", out
+    assert (log / "srun.signals").read_text().split()[:2] == ["USR1", "USR1"], out  # sent again after 5 s
+    assert (log / "scontrol.args").read_text().split() == ["requeue", "4242"], out
+    assert rc == 0 and "training step ended with status 75" in out, out
 
 
 def test_sigterm_to_the_batch_shell_forwards_sigusr1_without_requeue(sleeping):
