@@ -1,13 +1,13 @@
-"""A fake `srun` for the tests that cannot run real Slurm (tests/unit/test_slurm.py, tests/e2e/test_slurm_preemption.py);
-the real one is exercised by tests/slurm/. It behaves as real srun does towards its tasks (src/srun/signals.c,
+"""A fake `srun` for the tests that cannot run real Slurm (tests/unit/test_slurm.py,
+tests/e2e/test_slurm_preemption.py); the real one is exercised by tests/slurm/. It behaves as real srun does towards its tasks (src/srun/signals.c,
 the same from Slurm 22.05 to 25.05):
 
 - SIGTERM, SIGHUP, SIGQUIT: "forcing job termination", SIGKILL to every task;
 - SIGUSR1, SIGUSR2: forwarded unchanged to every task;
 - SIGINT: the first only prints; a second within a second sends SIGINT, then SIGKILL, to every task.
 
-It starts `--ntasks-per-node` x `--nodes` tasks (default 1; $FAKE_SRUN_NTASKS if set) with SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID set,
-their output appended to `--output`, and exits with the first non-zero task status (128 + N for a task killed
+It starts `--ntasks-per-node` x `--nodes` tasks (default 1; $FAKE_SRUN_NTASKS if set) with SLURM_PROCID /
+SLURM_NTASKS / SLURM_LOCALID set, their output appended to `--output`, and exits with the first non-zero task status (128 + N for a task killed
 by signal N). It records its arguments in $FAKE_LOG/srun.args and each signal it gets in $FAKE_LOG/srun.signals.
 Python, not bash: a background job of a non-interactive shell starts with SIGINT ignored, and bash cannot
 trap a signal ignored on entry (real srun, a C program, still receives it).

@@ -26,7 +26,8 @@ def test_check_cluster_estimate_warning_and_error():
     cfg.model.dtype, cfg.rollout.engine, cfg.rollout.sglang.tp, cfg.reward.num_workers = "bf16", "sglang", 2, 2
     ok = check_cluster(cfg, 5 * 10**9, cpus_per_task=4, grace_s=20.0, fs_gbps=5.0)
     assert ok.errors == [] and ok.warnings == []
-    assert ok.lines[0] == "checkpoint 70.0 GB: ~14 s to write at 5 GB/s (--fs-gbps; an assumption unless you measured it)"
+    assert ok.lines[0] == ("checkpoint 70.0 GB: ~14 s to write at 5 GB/s "
+                           "(--fs-gbps; an assumption unless you measured it)")
     slow = check_cluster(cfg, 5 * 10**9, cpus_per_task=3, grace_s=10.0, fs_gbps=5.0)
     assert len(slow.warnings) == 1 and "train.on_stop=finish_step needs ~14 s from the signal to the checkpoint on " \
         "disk but gets 10 s" in slow.warnings[0]

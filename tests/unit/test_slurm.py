@@ -30,7 +30,7 @@ FAKE_SCONTROL = """#!/bin/bash
 if [[ $1 == show && $2 == hostnames ]]; then printf 'gpu-node-017\\ngpu-node-018\\n'; exit 0; fi
 if [[ $1 == show && $2 == config ]]; then echo "KillWait                = 30 sec"; exit 0; fi
 if [[ $1 == show && $2 == job ]]; then
-    echo "   Command=${FAKE_COMMAND:-none} recipes/x.yaml data.path=/data/slurm/x.jsonl"  # the script, then its arguments
+    echo "   Command=${FAKE_COMMAND:-none} recipes/x.yaml data.path=/data/slurm/x.jsonl"  # the script, its arguments
     echo "   PreemptEligibleTime=2026-12-05T08:00:00 PreemptTime=${FAKE_PREEMPT_TIME:-None}"
     exit 0
 fi

@@ -66,7 +66,8 @@ def test_torch_and_sglang_come_from_pypi_at_the_release_pins():
 def test_versions_checked_before_the_build_and_at_the_end_and_imports_need_no_driver():
     sys_path = REPO / "docker" / "check_versions.py"
     text = sys_path.read_text()
-    for pin in ('"torch": "2.8.0"', f'"sglang": "{SGLANG}"', '"sgl-kernel": "0.3.17.post1"', '"transformers": "4.57.1"'):
+    for pin in ('"torch": "2.8.0"', f'"sglang": "{SGLANG}"', '"sgl-kernel": "0.3.17.post1"',
+                '"transformers": "4.57.1"'):
         assert pin in text, pin
     runs = [i for i in instructions(DOCKERFILE.read_text()) if i.startswith("RUN ")]
     checks = [i for i, r in enumerate(runs) if "check_versions.py" in r]
