@@ -1,6 +1,6 @@
 """A fake `srun` for the tests that cannot run real Slurm (tests/unit/test_slurm.py,
-tests/e2e/test_slurm_preemption.py); the real one is exercised by tests/slurm/. It behaves as real srun does towards its tasks (src/srun/signals.c,
-the same from Slurm 22.05 to 25.05):
+tests/e2e/test_slurm_preemption.py); the real one is exercised by tests/slurm/. It behaves as real srun does
+towards its tasks (src/srun/signals.c, the same from Slurm 22.05 to 25.05):
 
 - SIGTERM, SIGHUP, SIGQUIT: "forcing job termination", SIGKILL to every task;
 - SIGUSR1, SIGUSR2: forwarded unchanged to every task;
