@@ -196,7 +196,7 @@ def _scenarios(cluster: Cluster) -> dict[str, callable]:
             s.wait_steps(job)
             high = _run("sbatch", "--parsable", "-p", "high", "-w", node, "-n", "1", "--time=1",
                         f"--output={s.run_dir}/high-%j.out", "--wrap", "sleep 2", env=env).stdout.strip()
-            s.wait_end(high)
+            _wait(f"{s.name}: the preempting job {high} ran", lambda: s.state(high) == "COMPLETED")
             requeued(s, job)
         return run
 
