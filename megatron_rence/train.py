@@ -390,6 +390,12 @@ def main(argv: list[str] | None = None) -> int:
     except (RunDirError, NonFiniteTraining, FloatingPointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, RunDirError) else 1
+    finally:
+        # the run is over, its state on disk: a stop signal sent again (rence.sbatch repeats the time-limit
+        # warning every 5 s) must not kill this process on its way out, when Python has put the default
+        # action (terminate) back in place of StopFlag's handler
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_IGN)
     if history and os.environ.get("RANK", "0") == "0":
         print(summary(cfg, history))
     return args.stopped_exit if history.stopped_at is not None else 0
