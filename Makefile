@@ -4,7 +4,7 @@
 PY := .venv/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: env env-sglang demo demo-real test test-main test-sglang test-gpu clean
+.PHONY: env env-sglang demo demo-real test test-main test-sglang test-slurm test-gpu clean
 SMOLLM2 := models/smollm2-135m-instruct
 
 env:
@@ -31,6 +31,10 @@ test-main: env
 
 test-sglang: env-sglang
 	RENCE_SGLANG_TIER=1 .venv-sglang/bin/python -m pytest -m sglang tests/sglang $(ARGS)
+
+# The real-Slurm tier alone (root; installs Debian's Slurm if missing): tests/slurm, also part of `make test`.
+test-slurm: env
+	$(PY) -m pytest -m slurm tests/slurm $(ARGS)
 
 test-gpu: env
 	$(PY) -m pytest -m gpu tests/gpu $(ARGS)

@@ -271,6 +271,13 @@ class TrainConfig:
     # wall-clock budget from the start of the run (setup included): checkpoint and stop after the step that
     # passes it (all ranks agree); 0 = none
     max_minutes: float = 0.0
+    # what a stop signal (SIGTERM / SIGUSR1 / SIGINT: Slurm's time-limit warning, scancel, preemption) does to
+    # the step in flight: "finish_step" completes it, then checkpoints it; "abandon_step" drops it if the
+    # signal came before its training phase (the rollout is finished first: the engines cannot be cut off
+    # mid-batch) and checkpoints the last completed step instead, exactly: the data position and RNG states
+    # are restored to the step's start, the weights and optimizer are not touched yet. Pick the one whose
+    # worst case fits the stop window (rence-plan compares both with the --signal lead and KillWait).
+    on_stop: Literal["finish_step", "abandon_step"] = "finish_step"
     # packed THD microbatches (sequences concatenated, block-diagonal causal attention; megatron_rence/megatron/
     # attention.py on CPU, Transformer Engine on GPU) for the log-prob passes and training; false: every
     # microbatch padded to the step's longest sequence (the reference path)

@@ -300,19 +300,25 @@ def add_cluster_args(parser) -> None:
 
     parser.add_argument("--cpus-per-task", type=int,
                         help="CPUs of each task: check they fit the engine + reward workers")
-    parser.add_argument("--grace-s", type=float, help="seconds between the stop signal and the kill: warn when the "
-                        "preemption checkpoint needs longer")
+    parser.add_argument("--grace-s", type=float, help="seconds the trainers get after the time-limit warning (GRACE_S "
+                        "of slurm/rence.sbatch): warn when the worst-case stop needs longer")
+    parser.add_argument("--kill-wait-s", type=float, help="the cluster's KillWait (scancel, time limit, preemption "
+                        "without grace, requeue): warn when the worst-case stop needs longer")
+    parser.add_argument("--rollout-s", type=float, help="seconds of one rollout phase (perf/rollout_s of a run)")
+    parser.add_argument("--train-s", type=float, help="seconds of the rest of a step (perf/step_s - perf/rollout_s)")
     parser.add_argument("--fs-gbps", type=float, default=DEFAULT_FS_GBPS, help="aggregate checkpoint write bandwidth "
                         f"in GB/s (default {DEFAULT_FS_GBPS:g}: an assumption, see planning/cluster.py)")
 
 
 def cluster_checks(report: PlanReport, args) -> int:
     """Print the CPU and checkpoint-time checks (to stderr with --json); 2 when the CPUs do not fit, else 0."""
-    from megatron_rence.planning.cluster import check_cluster
+    from megatron_rence.planning.cluster import StopTimes, check_cluster
 
     if report.memory is None:
         return 0
-    checks = check_cluster(report.cfg, report.memory.params.total, args.cpus_per_task, args.grace_s, args.fs_gbps)
+    times = StopTimes(args.grace_s, args.kill_wait_s, args.rollout_s, args.train_s)
+    checks = check_cluster(report.cfg, report.memory.params.total, args.cpus_per_task, args.grace_s, args.fs_gbps,
+                           times)
     out = sys.stderr if args.json else sys.stdout
     for prefix, msgs in (("cluster  ", checks.lines), ("warning  ", checks.warnings), ("error    ", checks.errors)):
         for msg in msgs:

@@ -2,10 +2,12 @@
 
 One step, as in docs/design.md: prompts -> engine.generate(K) -> rewards -> groups -> release engine memory
 -> log-likelihoods -> objective -> optimizer step -> weight sync -> metrics; evaluation every
-`eval.every` steps, a checkpoint every `checkpoint.every` steps and on SIGTERM / SIGUSR1 / Ctrl-C.
+`eval.every` steps, a checkpoint every `checkpoint.every` steps and on SIGTERM / SIGUSR1 / Ctrl-C (after the
+step in flight, or instead of it with train.on_stop=abandon_step; `perf/stop_to_checkpoint_s` times it).
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -53,6 +55,7 @@ class StopFlag:
         from megatron_rence.lifecycle import STOP_SIGNALS, install_fork_hook
 
         self.signum: Optional[int] = None
+        self.at: Optional[float] = None  # time.monotonic() of the first stop signal
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
         install_fork_hook()
@@ -60,7 +63,20 @@ class StopFlag:
     def _handle(self, signum, frame):
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        if self.signum is None:
+            self.at = time.monotonic()
         self.signum = signum
+
+    def since(self) -> float:
+        """Seconds since the first stop signal."""
+        return time.monotonic() - self.at if self.at is not None else float("nan")
+
+
+class RunHistory(list):
+    """The step metrics of a run; `stopped_at` is the last checkpointed step when a stop signal ended the run
+    before `train.num_steps` (None otherwise)."""
+
+    stopped_at: Optional[int] = None
 
 
 def setup(cfg: Config, resume: bool) -> Run:
@@ -204,7 +220,9 @@ def sync_weights(run: Run, version: int) -> dict:
     return metrics
 
 
-def train_step(run: Run, step: int) -> dict:
+def train_step(run: Run, step: int, abandon_if=None) -> Optional[dict]:
+    """One step; None when `abandon_if()` holds on any rank once the rollout is done (train.on_stop=abandon_step):
+    the step stops before its training phase, with the weights and optimizer as the previous step left them."""
     from megatron_rence.config import samples_per_prompt
     from megatron_rence.phases import rollout_phase, sampling_params, train_phase
 
@@ -228,6 +246,8 @@ def train_step(run: Run, step: int) -> dict:
         run.engine.release_memory()
     run.barrier()  # the engine has released its memory before any rank of its group restores training state
     metrics.update(run.handoff.restore())
+    if abandon_if is not None and run.trainer.any_rank(abandon_if()):
+        return None
     metrics.update(train_phase(exp, run.trainer, run.ref_trainer, run.objective, cfg))
     every = cfg.objective.ref_update_every
     if run.ref_trainer is not None and every and step % every == 0:  # semi-online DPO
@@ -286,39 +306,54 @@ def run_training(cfg: Config, resume: bool = False) -> list[dict]:
         return _train_loop(cfg, resume)
 
 
-def _train_loop(cfg: Config, resume: bool) -> list[dict]:
+def _train_loop(cfg: Config, resume: bool) -> RunHistory:
     stop = StopFlag()
     deadline = time.monotonic() + 60 * cfg.train.max_minutes if cfg.train.max_minutes else None
     run = setup(cfg, resume)
-    health = run.health
-    history: list[dict] = []
+    health = run.health  # NaN / inf steps in a row stop the run (its counters are checkpointed)
+    history, saved = RunHistory(), run.start_step
     try:
         sync_weights(run, version=run.start_step)  # the engine starts from the trainer's weights
         if cfg.eval.at_start and run.start_step == 0:
             evaluate_at_start(run)
-        for step in range(run.start_step + 1, cfg.train.num_steps + 1):
-            metrics = train_step(run, step)
+        if run.trainer.any_rank(stop.signum is not None):  # signalled during setup: the resumed state is the stop
+            history.stopped_at = _report_stop(run, stop, run.start_step, "before the first step")
+        last = cfg.train.num_steps if history.stopped_at is None else run.start_step
+        for step in range(run.start_step + 1, last + 1):
+            metrics = _step_or_abandon(run, step, stop)
+            if metrics is None:  # train.on_stop=abandon_step: the last completed step is the stop checkpoint
+                if step - 1 > saved:
+                    save(run, step - 1)
+                history.stopped_at = _report_stop(run, stop, step - 1, f"step {step} abandoned (train.on_stop)")
+                break
             failure = None
             try:  # the step's update is done: a failure from here on is checkpointed before it is raised
                 metrics.update(maybe_evaluate(run, step))
                 metrics.update(run.dataset.metrics())
                 health.observe(step, metrics)
-                if run.logger is not None:
-                    run.logger.log(step, metrics)
             except Exception as exc:
                 failure = exc
             if run.trainer.any_rank(failure is not None):  # every rank saves, or none
                 save_after_failure(run, step, failure)
-            history.append({"step": step, **metrics})
-            health.stop_if_diverged()
             over_budget = deadline is not None and time.monotonic() >= deadline  # train.max_minutes
             stopping = run.trainer.any_rank(stop.signum is not None or over_budget)
-            if stopping or step == cfg.train.num_steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
-                save(run, step)
+            if stopping and stop.signum is not None:  # the stop checkpoint first: its time goes in this record
+                save(run, saved := step)
+                if stop.at is not None:
+                    metrics["perf/stop_to_checkpoint_s"] = stop.since()
+            if run.logger is not None:
+                run.logger.log(step, metrics)
+            history.append({"step": step, **metrics})
+            health.stop_if_diverged()
+            if saved < step and (stopping or step == cfg.train.num_steps or
+                                 (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)):
+                save(run, saved := step)
             if stopping:
-                reason = f"signal {stop.signum}" if stop.signum is not None else \
-                    f"train.max_minutes={cfg.train.max_minutes} reached"
-                print(f"{reason}: checkpoint written at step {step}; exiting", flush=True)
+                if stop.signum is None:
+                    print(f"train.max_minutes={cfg.train.max_minutes} reached: checkpoint written at step {step}; "
+                          "exiting", flush=True)
+                elif step < cfg.train.num_steps:
+                    history.stopped_at = _report_stop(run, stop, step, "step finished")
                 break
     finally:
         close(run)
@@ -345,6 +380,38 @@ def save_after_failure(run: Run, step: int, failure: Optional[BaseException]) ->
     raise RuntimeError(f"step {step}: another rank failed after the optimizer update (see its error)")
 
 
+def _step_or_abandon(run: Run, step: int, stop: StopFlag) -> Optional[dict]:
+    """train_step; with train.on_stop=abandon_step, None when a stop signal came before the step's training
+    phase, with the data position and RNG states put back to the step's start (the weights and optimizer were
+    not touched): the state after step - 1, exactly."""
+    if run.cfg.train.on_stop != "abandon_step":
+        return train_step(run, step)
+    from megatron_rence.megatron.checkpoint import rng_state, set_rng_state
+
+    data, rng = run.dataset.state_dict(), rng_state()
+    metrics = train_step(run, step, abandon_if=lambda: stop.signum is not None)
+    if metrics is None:
+        run.dataset.load_state_dict(data)
+        set_rng_state(rng)
+    return metrics
+
+
+def _report_stop(run: Run, stop: StopFlag, step: int, how: str) -> int:
+    """The stop line, and `stops.jsonl` in the run dir (rank 0): step, signal, perf/stop_to_checkpoint_s (this
+    rank's signal -> checkpoint on disk); returns `step`."""
+    seconds = stop.since()
+    if run.pstate.rank == 0:
+        record = {"step": step, "signal": stop.signum, "on_stop": run.cfg.train.on_stop, "how": how,
+                  "perf/stop_to_checkpoint_s": round(seconds, 4) if stop.at is not None else None,
+                  "slurm_job": os.environ.get("SLURM_JOB_ID"), "slurm_restart": os.environ.get("SLURM_RESTART_COUNT")}
+        with open(Path(run.cfg.train.run_dir) / "stops.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+    signal_name = signal.Signals(stop.signum).name if stop.signum else "stop signal on another rank"
+    print(f"{signal_name}: {how}; checkpoint written at step {step}, on disk {seconds:.2f} s after the signal "
+          "(perf/stop_to_checkpoint_s); exiting", flush=True)
+    return step
+
+
 def close(run: Run) -> None:
     """Flush the metrics, stop the grading workers and the engine (training state is already on disk)."""
     if run.logger is not None:
@@ -358,6 +425,9 @@ def close(run: Run) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = recipe_parser("rence-train", "Train with ReNCE / GRPO / DAPO / online DPO.")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run dir")
+    parser.add_argument("--stopped-exit", type=int, default=0, metavar="STATUS",
+                        help="exit status when a stop signal ended the run (checkpointed) before train.num_steps; "
+                             "slurm/rence.sbatch passes 75 to tell a stop from a finished run (default 0)")
     args = parser.parse_intermixed_args(argv)
     cfg = load_or_exit(args)
     if handle_info_flags(args, cfg):
@@ -374,9 +444,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as exc:  # bad input (a data / benchmark file, a key), a full disk: the message
         print(f"error: {exc}", file=sys.stderr)  # names the file, line or key
         return 1
+    finally:
+        # the run is over, its state on disk: a stop signal sent again (rence.sbatch repeats the time-limit
+        # warning every 5 s) must not kill this process on its way out, when Python has put the default
+        # action (terminate) back in place of StopFlag's handler
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_IGN)
     if history and os.environ.get("RANK", "0") == "0":
         print(summary(cfg, history))
-    return 0
+    return args.stopped_exit if history.stopped_at is not None else 0
 
 
 def summary(cfg: Config, history: list[dict]) -> str:

@@ -1,4 +1,5 @@
-"""Test tiers by folder: unit (default), distributed (gloo, several processes), gpu (needs CUDA), e2e."""
+"""Test tiers by folder: unit (default), distributed (gloo, several processes), gpu (needs CUDA), e2e, slurm (a real
+Slurm cluster brought up by tools/slurm_cluster.sh; skipped where it cannot run)."""
 import os
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-_TIERS = ("unit", "distributed", "gpu", "e2e")
+_TIERS = ("unit", "distributed", "gpu", "e2e", "slurm")
 
 
 def pytest_collection_modifyitems(config, items):

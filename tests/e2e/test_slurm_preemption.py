@@ -1,9 +1,11 @@
-"""Preemption of a 2-rank launch through slurm/rence.sbatch, as a cluster does it: SIGTERM to every process of
-the job (the batch script, srun, both trainer ranks and their children), then the requeued launch resumes.
+"""The time-limit warning of a 2-rank launch through slurm/rence.sbatch: SIGUSR1 to the batch shell (what
+`--signal=B:USR1@N` and `scancel -b -s USR1` do), the stop checkpoint at the step the trainers were on, the
+requeue, and the requeued launch resuming to an uninterrupted run's metrics.
 
-Slurm cannot run here: a FAKE `srun` (below) starts its command once per task with SLURM_PROCID /
-SLURM_NTASKS / SLURM_LOCALID set, in the same process group, and forwards TERM / INT to its tasks as
-srun does; a fake `scontrol` answers `show hostnames` with localhost. The trainers are the real
+A FAKE `srun` (tests/fake_srun.py) starts its command once per task with SLURM_PROCID / SLURM_NTASKS /
+SLURM_LOCALID set and treats signals as real srun does (USR1 forwarded, TERM -> SIGKILL to the tasks); a
+fake `scontrol` answers `show hostnames` with localhost and records `requeue`. tests/slurm/ runs the same
+against a real Slurm cluster. The trainers are the real
 `python -m megatron_rence.train` on the CPU demo (TP=2 over gloo) with evaluation every 2 steps, which the
 two ranks now run as a collective (rank 0 holds the only CPU engine; rank 1 takes part in the gather).
 """
@@ -21,32 +23,12 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train_loop import TINY, _assert_group_gone, _wait_for_steps  # noqa: E402
 
-FAKE_SRUN = r"""#!/bin/bash
-out="" n=1
-while [[ $# -gt 0 && $1 == -* ]]; do
-    case $1 in --output=*) out=${1#--output=} ;; --ntasks-per-node=*) n=${1#--ntasks-per-node=} ;; esac
-    shift
-done
-pids=()
-for ((i = 0; i < n; i++)); do
-    ( export SLURM_PROCID=$i SLURM_NTASKS=$n SLURM_LOCALID=$i; exec "$@" ) >> "${out:-/dev/stdout}" 2>&1 &
-    pids+=($!)
-done
-trap 'kill -TERM "${pids[@]}" 2>/dev/null' TERM
-trap 'kill -INT "${pids[@]}" 2>/dev/null' INT
-rc=0
-for p in "${pids[@]}"; do
-    while true; do
-        wait "$p"; r=$?
-        if [[ $r -gt 128 ]] && kill -0 "$p" 2>/dev/null; then continue; fi
-        break
-    done
-    [[ $r -ne 0 ]] && rc=$r
-done
-exit $rc
+FAKE_SRUN = f"""#!/bin/bash
+exec {sys.executable} {REPO / 'tests' / 'fake_srun.py'} "$@"
 """
 FAKE_SCONTROL = """#!/bin/bash
 if [[ $1 == show && $2 == hostnames ]]; then echo localhost; exit 0; fi
+if [[ $1 == show ]]; then exit 0; fi
 echo "$*" >> "$FAKE_LOG/scontrol.args"
 """
 STEPS = 6
@@ -102,7 +84,11 @@ def _metrics(run_dir: Path) -> dict[int, dict]:
     return {r["step"]: r for r in (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())}
 
 
-def test_sigterm_to_the_job_checkpoints_both_ranks_and_the_requeue_resumes_identically(launch):
+def tmp_log(runs: Path) -> Path:
+    return runs.parent / "log"
+
+
+def test_time_limit_warning_checkpoints_both_ranks_and_the_requeue_resumes_identically(launch):
     start, runs = launch
     _finish(start("full", "checkpoint.every=0"), runs / "full")
     reference = _metrics(runs / "full")
@@ -111,8 +97,9 @@ def test_sigterm_to_the_job_checkpoints_both_ranks_and_the_requeue_resumes_ident
     cut = runs / "cut"
     proc = start("cut", "checkpoint.every=1")
     _wait_for_steps(cut / "metrics.jsonl", 3, proc)
-    os.killpg(proc.pid, signal.SIGTERM)  # scancel / preemption: every process of the job
+    os.kill(proc.pid, signal.SIGUSR1)  # the time-limit warning, to the batch shell only
     out = _finish(proc, cut)
+    assert (tmp_log(runs) / "scontrol.args").read_text().split() == ["requeue", "77"], out[-3000:]
     stopped_at = len(_metrics(cut))
     assert 3 <= stopped_at < STEPS, out[-3000:]
     assert (cut / "checkpoints" / "latest").read_text().strip() == f"iter_{stopped_at:07d}"

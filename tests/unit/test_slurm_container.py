@@ -1,6 +1,7 @@
-"""The container the Slurm scripts run in: SGLang's release image of the pinned SGLang version (its torch is
-the one sgl-kernel was built against), Transformer Engine compiled against that torch, every pip package
-at an exact version, the versions of the base checked and every compiled package imported at build time.
+"""The container the Slurm scripts run in: NGC's CUDA deep-learning base (CUDA 12.9, no torch), the released
+torch 2.8.0 and the pinned SGLang from PyPI (sgl-kernel matches that torch by construction), Transformer
+Engine compiled against that torch, every pip package at an exact version, the versions checked before the
+compilation and at the end, every compiled package imported at build time without a GPU driver.
 
 The image cannot be built here (no Docker engine, no GPU); this checks the Dockerfile as text.
 """
@@ -46,25 +47,55 @@ def requirements(path: Path) -> list[str]:
     return [line.split("#")[0].strip() for line in path.read_text().splitlines() if line.split("#")[0].strip()]
 
 
-def test_base_image_is_sglangs_release_image_of_the_pinned_version():
+def test_base_image_is_ngc_cuda_dl_base_without_torch():
     froms = [i for i in instructions(DOCKERFILE.read_text()) if i.startswith("FROM ")]
-    assert froms == [f"FROM lmsysorg/sglang:v{SGLANG}"]
+    assert len(froms) == 1 and re.fullmatch(r"FROM nvcr\.io/nvidia/cuda-dl-base:25\.\d\d-cuda12\.9-devel-ubuntu24\.04",
+                                             froms[0]), froms
     assert f"SGLang {SGLANG}" in (REPO / "megatron_rence" / "rollout" / "sglang_engine.py").read_text()
-    assert f"lmsysorg/sglang:v{SGLANG}" in (REPO / "docker" / "README.md").read_text()
+    readme = (REPO / "docker" / "README.md").read_text()
+    assert froms[0].split()[1] in readme and "Why this base" in readme
 
 
-def test_base_versions_are_checked_and_compiled_packages_imported():
+def test_torch_and_sglang_come_from_pypi_at_the_release_pins():
+    installs = [a for args in pip_installs(DOCKERFILE.read_text()) for a in args]
+    for pin in ("torch==2.8.0", f"sglang=={SGLANG}", "sgl-kernel==0.3.17.post1", "transformers==4.57.1"):
+        assert pin in installs, pin
+    assert not any("index-url" in a for a in installs)  # PyPI's released builds, not a nightly / NGC index
+
+
+def test_versions_checked_before_the_build_and_at_the_end_and_imports_need_no_driver():
+    sys_path = REPO / "docker" / "check_versions.py"
+    text = sys_path.read_text()
+    for pin in ('"torch": "2.8.0"', f'"sglang": "{SGLANG}"', '"sgl-kernel": "0.3.17.post1"',
+                '"transformers": "4.57.1"'):
+        assert pin in text, pin
     runs = [i for i in instructions(DOCKERFILE.read_text()) if i.startswith("RUN ")]
-    check = next(r for r in runs if "importlib.metadata" in r)
-    for expected in (f"v['sglang'] == '{SGLANG}'", "v['sgl-kernel'] == '0.3.17.post1'", "== '2.8.0'",
-                     "v['transformers'] == '4.57.1'"):
-        assert expected in check, expected
-    assert runs.index(check) < min(i for i, r in enumerate(runs) if "pip install" in r)  # before anything is built
+    checks = [i for i, r in enumerate(runs) if "check_versions.py" in r]
+    te = next(i for i, r in enumerate(runs) if "transformer-engine" in r)
+    assert len(checks) == 2 and checks[0] < te and checks[1] == len(runs) - 1
     imports = runs[-1]
-    for module in ("transformer_engine.pytorch", "sgl_kernel", "sglang", "megatron.core", "megatron_rence"):
+    for module in ("transformer_engine.pytorch", "sgl_kernel", "sglang", "megatron.core", "megatron_rence",
+                   "tensorboard"):
         assert module in imports, module
-    # after every install, transformers is still SGLang's pin (5.x would silently change the RoPE base)
-    assert "transformers.__version__ == '4.57.1'" in imports
+    # sgl_kernel links libcuda.so.1: the builder has no driver, so the check loads the toolkit's stub, only there
+    assert "stubs/libcuda.so" in imports and "LD_LIBRARY_PATH=/tmp/cuda-stub" in imports
+    assert "rm -rf /tmp/cuda-stub" in imports
+    env = " ".join(i for i in instructions(DOCKERFILE.read_text()) if i.startswith("ENV "))
+    assert "stub" not in env
+
+
+def test_check_versions_fails_on_a_mismatch(monkeypatch):
+    import importlib.util
+    import importlib.metadata as md
+
+    spec = importlib.util.spec_from_file_location("check_versions", REPO / "docker" / "check_versions.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    versions = {"torch": "2.8.0+cu128", "sglang": SGLANG, "sgl-kernel": "0.3.17.post1", "transformers": "4.57.1"}
+    monkeypatch.setattr(md, "version", lambda p: versions[p])
+    assert module.main() == 0
+    versions["torch"] = "2.8.0a0+5228986c39"  # NGC PyTorch's build
+    assert module.main() == 1
 
 
 def test_every_pip_package_is_pinned():
@@ -88,13 +119,12 @@ def test_every_pip_package_is_pinned():
     unpinned = [p for p in packages if not PIN.match(p)]
     assert not unpinned, f"pip packages without an exact version: {unpinned}"
     names = {re.split(r"[\[=]", p)[0].lower().replace("_", "-") for p in packages}
-    for needed in ("transformer-engine", "megatron-core", "math-verify"):
+    for needed in ("transformer-engine", "megatron-core", "math-verify", "tensorboard", "torch", "sglang"):
         assert needed in names, needed
-    assert not {"torch", "sglang", "sgl-kernel"} & names  # the base image's: reinstalling them breaks the ABI match
 
 
 def test_the_pin_check_can_fail():
-    bad = "FROM lmsysorg/sglang:v0.5.5.post3\nRUN python3 -m pip install sglang megatron-core==0.16.1\n"
+    bad = "FROM ubuntu:24.04\nRUN python3 -m pip install sglang megatron-core==0.16.1\n"
     (args,) = pip_installs(bad)
     assert [a for a in args if not PIN.match(a)] == ["sglang"]
 
