@@ -23,6 +23,8 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 BLOCK = 128
 CHUNK_BYTES = 64 * 2**20  # fp32 working set of one quantisation step
+# config.json `quantization_config` of such a checkpoint (SGLang / transformers / vLLM `fp8` method)
+BLOCK_FP8_CONFIG = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [BLOCK, BLOCK]}
 _LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)\.weight$")
 
 
