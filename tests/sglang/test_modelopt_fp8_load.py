@@ -45,13 +45,13 @@ def fp8_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def sglang_world():
+def sglang_world(fp8_dir):
     from sglang.srt.distributed import parallel_state as sps
     from sglang.srt.server_args import ServerArgs, set_global_server_args_for_scheduler
 
     from megatron_rence.megatron.parallel import free_port
 
-    set_global_server_args_for_scheduler(ServerArgs(model_path="unused", device="cpu"))
+    set_global_server_args_for_scheduler(ServerArgs(model_path=str(fp8_dir), device="cpu"))
     sps.init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
                                      distributed_init_method=f"tcp://127.0.0.1:{free_port()}")
     sps.initialize_model_parallel(1)
