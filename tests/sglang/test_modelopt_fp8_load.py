@@ -1,6 +1,6 @@
 """A run's checkpoint exported with `tools/export_megatron_to_hf.py --quant fp8` (modelopt, in the main .venv) loads
 into SGLang 0.5.5.post3's real LlamaForCausalLM with SGLang's own modelopt FP8 method (ModelOptFp8Config /
-ModelOptFp8LinearMethod): SGLang's ModelConfig detects `modelopt_fp8` from the checkpoint, `load_weights` sets
+ModelOptFp8LinearMethod): SGLang's ModelConfig reads `modelopt` (FP8) from the checkpoint, `load_weights` sets
 every parameter (all are NaN-filled first), the fused qkv_proj / gate_up_proj hold the exported FP8 values and
 per-shard scales, and the unquantized embedding / norms / lm_head are the exported ones.
 
@@ -68,12 +68,14 @@ def _exported(path: Path) -> dict[str, torch.Tensor]:
 def test_sglang_loads_every_parameter_with_its_modelopt_fp8_method(fp8_dir, sglang_world):
     from sglang.srt.configs.load_config import LoadConfig
     from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.layers.quantization import get_quantization_config
     from sglang.srt.layers.quantization.modelopt_quant import ModelOptFp8Config, ModelOptFp8LinearMethod
     from sglang.srt.model_loader.loader import _initialize_model
     from sglang.srt.model_loader.utils import set_default_torch_dtype
 
     model_config = ModelConfig(str(fp8_dir), dtype="bfloat16")
-    assert model_config.quantization == "modelopt_fp8"
+    assert model_config.quantization == "modelopt"  # config.json's quant_method; SGLang maps it to FP8 or FP4
+    assert get_quantization_config(model_config.quantization) is ModelOptFp8Config
     with set_default_torch_dtype(torch.bfloat16), torch.device("cpu"):
         model = _initialize_model(model_config, LoadConfig())
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
