@@ -6,7 +6,8 @@ per-shard scales, and the unquantized embedding / norms / lm_head are the export
 
 Not done here (CUDA only): `process_weights_after_loading` (its requantization to the max shard scale calls
 sgl_kernel's `sgl_per_tensor_quant_fp8`, even though modelopt's q/k/v and gate/up scales are already equal)
-and the FP8 GEMM (`apply_fp8_linear`). The transformers side of the check (dequantized forward close to the source) is tests/unit/test_quantized_export.py.
+and the FP8 GEMM (`apply_fp8_linear`). The transformers side of the check (dequantized forward close to the
+source) is tests/unit/test_quantized_export.py.
 """
 import json
 import subprocess
@@ -99,7 +100,8 @@ def _check_values(model, exported: dict[str, torch.Tensor]) -> None:
         p = f"model.layers.{i}."
         for fused, parts in ((layer.self_attn.qkv_proj, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
                              (layer.mlp.gate_up_proj, ("mlp.gate_proj", "mlp.up_proj")),
-                             (layer.self_attn.o_proj, ("self_attn.o_proj",)), (layer.mlp.down_proj, ("mlp.down_proj",))):
+                             (layer.self_attn.o_proj, ("self_attn.o_proj",)),
+                             (layer.mlp.down_proj, ("mlp.down_proj",))):
             assert fused.weight.dtype == torch.float8_e4m3fn
             want = torch.cat([exported[p + s + ".weight"] for s in parts]).view(torch.uint8)
             assert torch.equal(fused.weight.view(torch.uint8), want), p + parts[0]

@@ -28,7 +28,9 @@ PADDED = 128  # megatron pads the 90-row vocabulary to a multiple of make_vocab_
 
 def _load_dir(path: Path) -> dict[str, torch.Tensor]:
     index = path / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    files = ["model.safetensors"]
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     out = {}
     for name in files:
         out.update(load_file(path / name))
