@@ -31,8 +31,10 @@ RUN python3 -m pip install pybind11==3.0.1 ninja==1.13.0
 RUN NVTE_FRAMEWORK=pytorch NVTE_CUDA_ARCHS="80;90" MAX_JOBS=16 \
     python3 -m pip install --no-build-isolation transformer-engine[core_cu12,pytorch]==2.9.0
 
-# 3. The trainer side: megatron-core (the version CI tests on CPU) and the verifier.
-RUN python3 -m pip install megatron-core==0.16.1 "math-verify[antlr4_13_2]==0.9.0"
+# 3. The trainer side: megatron-core (the version CI tests on CPU), the verifier, and NVIDIA Model Optimizer for
+#    the quantized export (tools/export_megatron_to_hf.py --quant; 0.46.1 is the newest that imports with
+#    megatron-core 0.16.1; its core needs torch >= 2.8 and no transformers pin).
+RUN python3 -m pip install megatron-core==0.16.1 "math-verify[antlr4_13_2]==0.9.0" nvidia-modelopt==0.46.1
 
 # 4. The project (editable, so a checkout mounted over /opt/megatron-rence runs as is); its dependencies
 #    are all installed above or by the image.
@@ -46,6 +48,6 @@ RUN python3 -m pip install --no-deps -e /opt/megatron-rence
 # Fail the build, not the first job, when an import is broken: TE's extension and sgl-kernel's ops both
 # load against the one torch in the image.
 RUN python3 -c "import torch, transformer_engine.pytorch, megatron.core, sglang, sgl_kernel, flashinfer, \
-math_verify, megatron_rence; print('torch', torch.__version__, 'sglang', sglang.__version__)"
+math_verify, modelopt.torch.quantization, megatron_rence; print('torch', torch.__version__, 'sglang', sglang.__version__)"
 
 WORKDIR /opt/megatron-rence
