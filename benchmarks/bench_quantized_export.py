@@ -92,7 +92,7 @@ def greedy(model, tokenizer, prompts: list[list[int]], max_new: int) -> list[str
     return answers
 
 
-def compare_models(hf: Path, out: Path, recipe, num: int) -> None:
+def compare_models(hf: Path, out: Path, recipe, num: int, generate: int, max_new: int) -> None:
     from megatron_rence.data.benchmarks import load_benchmark
     from megatron_rence.data.templates import encode_prompt, render_prompt
     from megatron_rence.rewards.math import grade
@@ -104,24 +104,25 @@ def compare_models(hf: Path, out: Path, recipe, num: int) -> None:
     source = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
     quant = fp8_model(out)
     start = time.perf_counter()
-    ref_answers = greedy(source, tokenizer, prompts, recipe.eval.max_new_tokens)
-    fp8_answers = greedy(quant, tokenizer, prompts, recipe.eval.max_new_tokens)
+    ref_answers = greedy(source, tokenizer, prompts[:generate], max_new)
+    fp8_answers = greedy(quant, tokenizer, prompts[:generate], max_new)
     gen_s = time.perf_counter() - start
     rel, top1 = [], []
     with torch.no_grad():
-        for ids, answer in zip(prompts, ref_answers):
+        for ids, answer in zip(prompts, ref_answers + [""] * (len(prompts) - generate)):
             seq = torch.tensor([ids + tokenizer(answer, add_special_tokens=False)["input_ids"]])
             a, b = source(seq).logits[0], quant(seq).logits[0]
             rel.append(float((b - a).norm() / a.norm()))
             top1.append(float((a.argmax(-1) == b.argmax(-1)).float().mean()))
     fallbacks = tuple(recipe.reward.fallbacks)
-    ref_ok = [grade(a, r["answer"], fallbacks).reward == 1.0 for a, r in zip(ref_answers, records)]
+    ref_ok = [grade(a, r["answer"], fallbacks).reward == 1.0 for a, r in zip(ref_answers, records)]  # first n
     fp8_ok = [grade(a, r["answer"], fallbacks).reward == 1.0 for a, r in zip(fp8_answers, records)]
-    print(f"logits on {len(prompts)} held-out prompts + source answers: relative L2 error mean {sum(rel) / len(rel):.4f} "
+    print(f"logits on {len(prompts)} held-out prompts (+ the source's greedy answer for the first {generate}): relative L2 error mean {sum(rel) / len(rel):.4f} "
           f"max {max(rel):.4f}; top-1 agreement mean {sum(top1) / len(top1):.4f} min {min(top1):.4f}")
-    print(f"greedy answers identical {sum(x == y for x, y in zip(ref_answers, fp8_answers))}/{len(prompts)}; "
-          f"correct: source {sum(ref_ok)}/{len(prompts)}, fp8 {sum(fp8_ok)}/{len(prompts)}; "
-          f"same grade {sum(x == y for x, y in zip(ref_ok, fp8_ok))}/{len(prompts)} ({gen_s:.0f} s generating)")
+    n = len(ref_answers)
+    print(f"greedy answers (max_new_tokens={max_new}) identical {sum(x == y for x, y in zip(ref_answers, fp8_answers))}/{n}; "
+          f"correct: source {sum(ref_ok)}/{n}, fp8 {sum(fp8_ok)}/{n}; "
+          f"same grade {sum(x == y for x, y in zip(ref_ok, fp8_ok))}/{n} ({gen_s:.0f} s generating)")
 
 
 def main() -> None:
@@ -129,6 +130,9 @@ def main() -> None:
     parser.add_argument("--model", default=str(REPO / "models/smollm2-135m-instruct"))
     parser.add_argument("--problems", type=int, default=32)
     parser.add_argument("--calib-prompts", type=int, default=16)
+    parser.add_argument("--generate", type=int, default=32, help="problems answered greedily by both models")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="the recipe's eval length by default")
+    parser.add_argument("--skip-converters", action="store_true", help="skip our-vs-modelopt export comparison")
     args = parser.parse_args()
     from megatron_rence.recipe import load_recipe, save_resolved
     from megatron_rence.weights.convert import import_hf
@@ -139,12 +143,13 @@ def main() -> None:
         recipe = load_recipe(REPO / "recipes/smollm2_cpu.yaml", [f"model.hf_path={hf}", f"model.tokenizer={hf}"])
         save_resolved(recipe, work / "run")
         import_hf(hf, work / "run" / "checkpoints")
-        compare_converters(hf, work / "run" / "checkpoints", work)
+        if not args.skip_converters:
+            compare_converters(hf, work / "run" / "checkpoints", work)
         seconds = quantize(work / "run", work / "fp8", args.calib_prompts)
-        sizes = {d: sum(f.stat().st_size for f in (work / d).glob("*.safetensors")) / 2**20 for d in ("ours", "fp8")}
+        size = sum(f.stat().st_size for f in (work / "fp8").glob("*.safetensors")) / 2**20
         print(f"fp8 export: {seconds:.0f} s (tools/export_megatron_to_hf.py --quant fp8, {args.calib_prompts} prompts); "
-              f"safetensors {sizes['ours']:.0f} MiB fp32 -> {sizes['fp8']:.0f} MiB")
-        compare_models(hf, work / "fp8", recipe, args.problems)
+              f"safetensors {size:.0f} MiB (source {(hf / 'model.safetensors').stat().st_size / 2**20:.0f} MiB fp32)")
+        compare_models(hf, work / "fp8", recipe, args.problems, min(args.generate, args.problems), args.max_new_tokens)
 
 
 if __name__ == "__main__":
