@@ -69,7 +69,7 @@ def quantize(run: Path, out: Path, calib: int) -> float:
     return time.perf_counter() - start
 
 
-def fp8_model(out: Path):
+def fp8_model(out: Path, static_inputs: bool = True):
     from megatron_rence.weights.quantize import dequantize_modelopt_fp8, static_fp8_inputs
 
     plain, scales = dequantize_modelopt_fp8(load_dir(out))
@@ -78,8 +78,31 @@ def fp8_model(out: Path):
     model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**config),
                                                           dtype=torch.float32).eval()
     model.load_state_dict(plain, strict=False)  # lm_head is tied to the embedding
-    static_fp8_inputs(model, scales)
+    if static_inputs:
+        static_fp8_inputs(model, scales)
     return model
+
+
+def block_model(hf: Path, ckpt: Path, work: Path):
+    """`--quant fp8_block` of the same checkpoint, dequantized, with SGLang's per-token-group FP8 inputs."""
+    from megatron_rence.weights.convert import export_hf
+    from megatron_rence.weights.quantize import dequantize_bucket, emulate_w8a8
+
+    out = export_hf(ckpt, work / "fp8_block", quant="fp8_block")
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    model.load_state_dict(dict(dequantize_bucket(list(load_dir(out).items()), torch.float32)), strict=False)
+    emulate_w8a8(model)
+    return model
+
+
+@torch.no_grad()
+def prompt_logits(source, model, prompts: list[list[int]]) -> str:
+    rel, top1 = [], []
+    for ids in prompts:
+        a, b = source(torch.tensor([ids])).logits[0], model(torch.tensor([ids])).logits[0]
+        rel.append(float((b - a).norm() / a.norm()))
+        top1.append(float((a.argmax(-1) == b.argmax(-1)).float().mean()))
+    return f"relative L2 logit error {sum(rel) / len(rel):.4f}, top-1 agreement {sum(top1) / len(top1):.4f}"
 
 
 @torch.no_grad()
@@ -92,7 +115,7 @@ def greedy(model, tokenizer, prompts: list[list[int]], max_new: int) -> list[str
     return answers
 
 
-def compare_models(hf: Path, out: Path, recipe, num: int, generate: int, max_new: int) -> None:
+def compare_models(hf: Path, out: Path, recipe, num: int, generate: int, max_new: int, ckpt: Path) -> None:
     from megatron_rence.data.benchmarks import load_benchmark
     from megatron_rence.data.templates import encode_prompt, render_prompt
     from megatron_rence.rewards.math import grade
@@ -103,6 +126,13 @@ def compare_models(hf: Path, out: Path, recipe, num: int, generate: int, max_new
                              tokenizer, recipe.data.template) for r in records]
     source = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
     quant = fp8_model(out)
+    print(f"{len(prompts)} held-out prompts (teacher-forced over the prompt tokens):")
+    print(f"  modelopt fp8, weight-only: {prompt_logits(source, fp8_model(out, static_inputs=False), prompts)}")
+    print(f"  modelopt fp8, W8A8 (static per-tensor inputs): {prompt_logits(source, quant, prompts)}")
+    print(f"  fp8_block, W8A8 (dynamic per-token-group inputs): "
+          f"{prompt_logits(source, block_model(hf, ckpt, out.parent), prompts)}")
+    if generate == 0:
+        return
     start = time.perf_counter()
     ref_answers = greedy(source, tokenizer, prompts[:generate], max_new)
     fp8_answers = greedy(quant, tokenizer, prompts[:generate], max_new)
@@ -149,7 +179,8 @@ def main() -> None:
         size = sum(f.stat().st_size for f in (work / "fp8").glob("*.safetensors")) / 2**20
         print(f"fp8 export: {seconds:.0f} s (tools/export_megatron_to_hf.py --quant fp8, {args.calib_prompts} prompts); "
               f"safetensors {size:.0f} MiB (source {(hf / 'model.safetensors').stat().st_size / 2**20:.0f} MiB fp32)")
-        compare_models(hf, work / "fp8", recipe, args.problems, min(args.generate, args.problems), args.max_new_tokens)
+        compare_models(hf, work / "fp8", recipe, args.problems, min(args.generate, args.problems), args.max_new_tokens,
+                       work / "run" / "checkpoints")
 
 
 if __name__ == "__main__":
