@@ -41,9 +41,11 @@ RUN NVTE_FRAMEWORK=pytorch NVTE_CUDA_ARCHS="80;90" MAX_JOBS=16 \
     python3 -m pip install --no-build-isolation transformer-engine[core_cu12,pytorch]==2.9.0
 
 # 5. The trainer side and what the default recipes use: megatron-core (the version CI tests on CPU), the
-#    verifier, tensorboard (logging.tensorboard=true), psutil (torch_dist checkpoint writer), pyyaml, tqdm.
+#    verifier, tensorboard (logging.tensorboard=true), psutil (torch_dist checkpoint writer), pyyaml, tqdm, and
+#    NVIDIA Model Optimizer for the quantized export (tools/export_megatron_to_hf.py --quant; 0.46.1 is the
+#    newest that imports with megatron-core 0.16.1).
 RUN python3 -m pip install megatron-core==0.16.1 "math-verify[antlr4_13_2]==0.9.0" tensorboard==2.20.0 \
-    psutil==7.0.0 pyyaml==6.0.2 tqdm==4.67.1
+    psutil==7.0.0 pyyaml==6.0.2 tqdm==4.67.1 nvidia-modelopt==0.46.1
 
 # 6. The project (editable, so a checkout mounted over /opt/megatron-rence runs as is), without dependencies:
 #    every one is installed above at an exact version. Only what the package and the launches need.
@@ -60,7 +62,7 @@ RUN python3 -m pip install --no-deps -e /opt/megatron-rence
 RUN python3 /opt/check_versions.py && mkdir /tmp/cuda-stub \
     && ln -s /usr/local/cuda/lib64/stubs/libcuda.so /tmp/cuda-stub/libcuda.so.1 \
     && LD_LIBRARY_PATH=/tmp/cuda-stub:$LD_LIBRARY_PATH python3 -c "import torch, transformer_engine.pytorch, \
-megatron.core, sglang, sgl_kernel, flashinfer, math_verify, tensorboard, megatron_rence; \
+megatron.core, sglang, sgl_kernel, flashinfer, math_verify, tensorboard, modelopt.torch.quantization, megatron_rence; \
 print('torch', torch.__version__, 'sglang', sglang.__version__)" \
     && rm -rf /tmp/cuda-stub
 

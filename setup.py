@@ -28,6 +28,9 @@ setup(
         "plot": ["matplotlib>=3.7"],
         # tools/prepare_smollm2.py (the real-model CPU recipe): transformers reads GGUF files with these
         "real": ["gguf==0.19.0", "accelerate==1.15.0"],
+        # tools/export_megatron_to_hf.py --quant fp8|nvfp4 (NVIDIA Model Optimizer). 0.46.1 is the newest whose
+        # Megatron exporter imports with megatron-core 0.16.1 (0.47.0 needs megatron.core.models.hybrid)
+        "export": ["nvidia-modelopt==0.46.1"],
     },
     entry_points={
         "console_scripts": [

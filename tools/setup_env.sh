@@ -12,5 +12,5 @@ if [[ -f $STAMP && "$(cat $STAMP)" == "$HASH" ]]; then exit 0; fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install -q "torch==2.13.0" || .venv/bin/python -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
 fi
-.venv/bin/python -m pip install -q -e ".[test,parquet,plot]"
+.venv/bin/python -m pip install -q -e ".[test,parquet,plot,export]"
 echo "$HASH" > $STAMP

@@ -28,6 +28,7 @@ from megatron_rence.weights.hf_config import model_config_from_hf, to_hf_config
 from megatron_rence.weights.mapping import dims_of, get_mapping
 from megatron_rence.weights.plan import global_name, split_tp_shards, unwrap
 from megatron_rence.weights.portable import make_portable
+from megatron_rence.weights.quantize import BLOCK_FP8_CONFIG, quantize_bucket
 
 HF_SIDE_DIR = "hf"  # OUT/hf: the source model's config.json and tokenizer files
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -250,9 +251,17 @@ def find_model_config(ckpt: str | os.PathLike, recipe: Optional[str] = None) -> 
 
 
 def export_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, recipe: Optional[str] = None, tp: int = 1,
-              pp: int = 1, dtype: Optional[str] = None, shard_bytes: int = 4 << 30) -> Path:
-    """A Megatron checkpoint (root or iter_* dir) -> HF safetensors shards + config.json + tokenizer files."""
+              pp: int = 1, dtype: Optional[str] = None, shard_bytes: int = 4 << 30,
+              quant: Optional[str] = None) -> Path:
+    """A Megatron checkpoint (root or iter_* dir) -> HF safetensors shards + config.json + tokenizer files.
+
+    `quant="fp8_block"`: the linear weights as 128 x 128 block-FP8 (`weights.quantize`, SGLang's `fp8`
+    method, config.json `quantization_config` = `BLOCK_FP8_CONFIG`); other tensors in `dtype`."""
     from megatron_rence.megatron.checkpoint import resolve
+
+    if quant not in (None, "fp8_block"):
+        raise ValueError(f"export_hf: quant={quant!r} (only fp8_block; modelopt's formats are in "
+                         "megatron_rence.megatron.quantized_export)")
 
     ckpt_dir = resolve(ckpt)
     model_cfg, vocab_size, side = find_model_config(ckpt, recipe)
@@ -263,7 +272,7 @@ def export_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, recipe: Optio
     if out_dtype not in DTYPES:
         raise ValueError(f"--dtype {out_dtype!r}: expected one of {', '.join(DTYPES)}")
     run_ranks(_export_rank, tp * pp, str(ckpt_dir), str(out), asdict(model_cfg), vocab_size, tp, pp, out_dtype,
-              shard_bytes)
+              shard_bytes, quant == "fp8_block")
     if int(os.environ.get("RANK", "0")) != 0:
         return out
     source_config = json.loads((side / "config.json").read_text()) if side and (side / "config.json").is_file() else {}
@@ -271,6 +280,8 @@ def export_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, recipe: Optio
                              source_config.get("eos_token_id"), source_config.get("pad_token_id"))
     if "bos_token_id" in source_config:
         hf_config.bos_token_id = source_config["bos_token_id"]
+    if quant == "fp8_block":
+        hf_config.quantization_config = dict(BLOCK_FP8_CONFIG)
     hf_config.save_pretrained(out)
     if side is not None:
         copy_side_files(side, out, TOKENIZER_FILES)
@@ -279,7 +290,7 @@ def export_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, recipe: Optio
 
 
 def _export_rank(ckpt_dir: str, out_dir: str, model_fields: dict, vocab_size: int, tp: int, pp: int,
-                 out_dtype: str, shard_bytes: int) -> None:
+                 out_dtype: str, shard_bytes: int, fp8_block: bool = False) -> None:
     from megatron_rence.megatron import checkpoint
     from megatron_rence.megatron.model import build_model
     from megatron_rence.weights.sync import iter_hf_buckets
@@ -292,7 +303,7 @@ def _export_rank(ckpt_dir: str, out_dir: str, model_fields: dict, vocab_size: in
         dtype = DTYPES[out_dtype]
         train_itemsize = next(chunks[0].parameters()).element_size()
         bucket_bytes = max(1, shard_bytes * train_itemsize // dtype.itemsize)  # shards are measured in out_dtype
-        writer = SafetensorsWriter(Path(out_dir), dtype) if pstate.rank == 0 else None
+        writer = SafetensorsWriter(Path(out_dir), dtype, fp8_block) if pstate.rank == 0 else None
         buckets = iter_hf_buckets(chunks, model_cfg, vocab_size, bucket_bytes, pstate, dst_ranks=(0,))
         for bucket in tqdm(buckets, desc="export", unit="shard", disable=writer is None):
             writer.write(bucket)
@@ -303,10 +314,11 @@ def _export_rank(ckpt_dir: str, out_dir: str, model_fields: dict, vocab_size: in
 
 
 class SafetensorsWriter:
-    """Writes one safetensors shard per bucket, then the HF index (or a single `model.safetensors`)."""
+    """Writes one safetensors shard per bucket, then the HF index (or a single `model.safetensors`).
+    `fp8_block`: each linear weight is written block-FP8 quantized (from its `dtype` value) + `weight_scale_inv`."""
 
-    def __init__(self, out_dir: Path, dtype: torch.dtype):
-        self.out_dir, self.dtype = out_dir, dtype
+    def __init__(self, out_dir: Path, dtype: torch.dtype, fp8_block: bool = False):
+        self.out_dir, self.dtype, self.fp8_block = out_dir, dtype, fp8_block
         self.shards: list[tuple[Path, list[str]]] = []
         self.total_bytes = 0
 
@@ -316,7 +328,9 @@ class SafetensorsWriter:
             assert name not in tensors, f"{name} written twice"
             # own storage per tensor: safetensors refuses views that share memory (q/k/v of one linear_qkv)
             tensors[name] = tensor.detach().to("cpu", self.dtype).contiguous().clone()
-            self.total_bytes += tensors[name].numel() * self.dtype.itemsize
+        if self.fp8_block:
+            tensors = dict(quantize_bucket(list(tensors.items())))
+        self.total_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
         path = self.out_dir / f"model-part-{len(self.shards) + 1:05d}.safetensors.tmp"
         save_file(tensors, str(path), metadata={"format": "pt"})
         self.shards.append((path, list(tensors)))

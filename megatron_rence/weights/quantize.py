@@ -1,4 +1,5 @@
-"""FP8 rollout weights: block-wise float8_e4m3fn quantisation of the HF-named linear weights in a sync bucket.
+"""FP8 weights: block-wise float8_e4m3fn quantisation of the HF-named linear weights in a sync bucket (rollout
+weights and `export --quant fp8_block`), and reading modelopt per-tensor FP8 checkpoints back without FP8 kernels.
 
 The trainer keeps its BF16/FP32 master weights; only the stream to the engine is quantised. The format
 is the one SGLang's `fp8` block quantisation loads (and the official `*-FP8` Qwen3 / DeepSeek checkpoints
@@ -23,6 +24,8 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 BLOCK = 128
 CHUNK_BYTES = 64 * 2**20  # fp32 working set of one quantisation step
+# config.json `quantization_config` of such a checkpoint (SGLang / transformers / vLLM `fp8` method)
+BLOCK_FP8_CONFIG = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [BLOCK, BLOCK]}
 _LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)\.weight$")
 
 
@@ -113,3 +116,46 @@ def emulate_w8a8(model: torch.nn.Module, group: int = BLOCK) -> list:
 
     return [module.register_forward_pre_hook(hook) for name, module in model.named_modules()
             if isinstance(module, torch.nn.Linear) and is_quantized_linear(f"{name}.weight")]
+
+
+# ---- modelopt FP8 checkpoints (tools/export_megatron_to_hf.py --quant fp8) read back without FP8 kernels ----
+
+def dequantize_modelopt_fp8(tensors: dict[str, torch.Tensor],
+                            dtype: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """A modelopt FP8 (quant_algo FP8) state dict -> (plain weights `weight_fp8 * weight_scale` in `dtype`,
+    {linear module name: static input_scale}). transformers ignores quant_method=modelopt and would load the
+    FP8 values unscaled, so this is how a transformers forward of such a checkpoint must be built."""
+    plain, input_scales = {}, {}
+    for name, tensor in tensors.items():
+        if name.endswith((".weight_scale", ".input_scale")):
+            continue
+        module = name[: -len(".weight")] if name.endswith(".weight") else None
+        if module is not None and f"{module}.weight_scale" in tensors:
+            if tensor.dtype != FP8:
+                raise ValueError(f"{name}: has a weight_scale but dtype {tensor.dtype}, not {FP8}")
+            scale = tensors[f"{module}.weight_scale"]
+            if scale.numel() != 1:
+                raise ValueError(f"{module}.weight_scale has shape {tuple(scale.shape)}: only per-tensor FP8 is read")
+            tensor = tensor.float() * scale.float()
+            if f"{module}.input_scale" in tensors:
+                input_scales[module] = float(tensors[f"{module}.input_scale"].float().max())
+        plain[name] = tensor.to(dtype)
+    return plain, input_scales
+
+
+def static_fp8_inputs(model: torch.nn.Module, input_scales: dict[str, float]) -> list:
+    """Round each listed linear's input as a static per-tensor FP8 GEMM does (x / input_scale, clamped to
+    +-448, cast to float8_e4m3fn, times input_scale); returns the hook handles."""
+    modules = dict(model.named_modules())
+    missing = sorted(set(input_scales) - set(modules))
+    if missing:
+        raise ValueError(f"the model has no module {missing[0]!r} (of {len(missing)} with an input_scale)")
+
+    def hook_for(scale: float):
+        def hook(module, args):
+            x = args[0]
+            q = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+            return ((q.float() * scale).to(x.dtype),) + tuple(args[1:])
+        return hook
+
+    return [modules[name].register_forward_pre_hook(hook_for(scale)) for name, scale in input_scales.items()]
