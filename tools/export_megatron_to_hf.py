@@ -35,6 +35,8 @@ def main(argv=None) -> int:
     parser.add_argument("--shard-gb", type=float, default=4.0, help="safetensors shard size in GB")
     parser.add_argument("--quant", choices=QUANTS, default=None, help="quantized export (see the docstring)")
     parser.add_argument("--calib-prompts", type=int, default=16, help="prompts modelopt calibrates on")
+    parser.add_argument("--allow-unverified", action="store_true",
+                        help="export a checkpoint without its sha256 manifest.json (one written before checksums)")
     args = parser.parse_args(argv)
     try:
         if args.quant in ("fp8", "nvfp4"):
@@ -44,11 +46,13 @@ def main(argv=None) -> int:
             from megatron_rence.megatron.quantized_export import export_quantized
 
             out = export_quantized(args.ckpt, args.out_dir, args.quant, recipe=args.recipe,
-                                   calib_prompts=args.calib_prompts, dtype=args.dtype)
+                                   calib_prompts=args.calib_prompts, dtype=args.dtype,
+                                   allow_unverified=args.allow_unverified)
         else:
             out = export_hf(args.ckpt, args.out_dir, recipe=args.recipe, tp=args.tp, pp=args.pp, dtype=args.dtype,
-                            shard_bytes=int(args.shard_gb * 1e9), quant=args.quant)
-    except (ValueError, FileNotFoundError) as exc:
+                            shard_bytes=int(args.shard_gb * 1e9), quant=args.quant,
+                            allow_unverified=args.allow_unverified)
+    except (ValueError, FileNotFoundError) as exc:  # CheckpointLoadError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

@@ -172,7 +172,8 @@ def choose_intact(candidates: list[Path], explicit: bool, allow_unverified: bool
             return ckpt
         if problems is None:
             why = (f"checkpoint {ckpt} has no {MANIFEST} (written before checksums, or the file was removed): it "
-                   f"cannot be verified; set {ALLOW_KEY}=true to load it unchecked")
+                   f"cannot be verified; set {ALLOW_KEY}=true (tools/export_megatron_to_hf.py: --allow-unverified) to load "
+                   f"it unchecked")
             if explicit:
                 raise CheckpointLoadError(why)
             unverified.append(why)

@@ -105,7 +105,8 @@ def write_source_dir(src: Path, model_cfg: ModelConfig, vocab_size: int, out_dty
 
 
 def export_quantized(ckpt: str | os.PathLike, out_dir: str | os.PathLike, quant: str = "fp8",
-                     recipe: Optional[str] = None, calib_prompts: int = 16, dtype: Optional[str] = None) -> Path:
+                     recipe: Optional[str] = None, calib_prompts: int = 16, dtype: Optional[str] = None,
+                     allow_unverified: bool = False) -> Path:
     """A Megatron checkpoint -> a modelopt-quantized HF checkpoint in `out_dir` (see the module docstring)."""
     from megatron_rence.weights.convert import DTYPES, find_model_config
 
@@ -122,7 +123,7 @@ def export_quantized(ckpt: str | os.PathLike, out_dir: str | os.PathLike, quant:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        _quantize_and_export(ckpt, tmp, quant, model_cfg, vocab_size, side, out_dtype, prompts)
+        _quantize_and_export(ckpt, tmp, quant, model_cfg, vocab_size, side, out_dtype, prompts, allow_unverified)
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
@@ -132,7 +133,8 @@ def export_quantized(ckpt: str | os.PathLike, out_dir: str | os.PathLike, quant:
 
 
 def _quantize_and_export(ckpt, tmp: Path, quant: str, model_cfg: ModelConfig, vocab_size: int,
-                         side: Optional[Path], out_dtype: str, prompts: list[list[int]]) -> None:
+                         side: Optional[Path], out_dtype: str, prompts: list[list[int]],
+                         allow_unverified: bool = False) -> None:
     import modelopt.torch.quantization as mtq
     from modelopt.torch.export import export_mcore_gpt_to_hf
 
@@ -144,7 +146,7 @@ def _quantize_and_export(ckpt, tmp: Path, quant: str, model_cfg: ModelConfig, vo
     parallel.initialize(ParallelConfig(), seed=0)
     try:
         padded = build_model(model_cfg, ParallelConfig(), vocab_size)[0]
-        checkpoint.load(checkpoint.resolve(ckpt), [padded])
+        checkpoint.load(checkpoint.resolve(ckpt), [padded], allow_unverified=allow_unverified)
         model = unpadded_copy(padded, model_cfg, vocab_size).eval()
         del padded
         device = next(model.parameters()).device

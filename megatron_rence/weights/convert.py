@@ -252,18 +252,21 @@ def find_model_config(ckpt: str | os.PathLike, recipe: Optional[str] = None) -> 
 
 def export_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, recipe: Optional[str] = None, tp: int = 1,
               pp: int = 1, dtype: Optional[str] = None, shard_bytes: int = 4 << 30,
-              quant: Optional[str] = None) -> Path:
+              quant: Optional[str] = None, allow_unverified: bool = False) -> Path:
     """A Megatron checkpoint (root or iter_* dir) -> HF safetensors shards + config.json + tokenizer files.
+
+    The checkpoint must carry its sha256 manifest (checked here, before any rank starts) unless
+    `allow_unverified` (a checkpoint from before checksums).
 
     `quant="fp8_block"`: the linear weights as 128 x 128 block-FP8 (`weights.quantize`, SGLang's `fp8`
     method, config.json `quantization_config` = `BLOCK_FP8_CONFIG`); other tensors in `dtype`."""
-    from megatron_rence.megatron.checkpoint import resolve
+    from megatron_rence.megatron.checkpoint import resolve_intact
 
     if quant not in (None, "fp8_block"):
         raise ValueError(f"export_hf: quant={quant!r} (only fp8_block; modelopt's formats are in "
                          "megatron_rence.megatron.quantized_export)")
 
-    ckpt_dir = resolve(ckpt)
+    ckpt_dir = resolve_intact(ckpt, allow_unverified)
     model_cfg, vocab_size, side = find_model_config(ckpt, recipe)
     check_layout(model_cfg, tp, pp)
     out = Path(out_dir)
@@ -272,7 +275,7 @@ def export_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, recipe: Optio
     if out_dtype not in DTYPES:
         raise ValueError(f"--dtype {out_dtype!r}: expected one of {', '.join(DTYPES)}")
     run_ranks(_export_rank, tp * pp, str(ckpt_dir), str(out), asdict(model_cfg), vocab_size, tp, pp, out_dtype,
-              shard_bytes, quant == "fp8_block")
+              shard_bytes, quant == "fp8_block", allow_unverified)
     if int(os.environ.get("RANK", "0")) != 0:
         return out
     source_config = json.loads((side / "config.json").read_text()) if side and (side / "config.json").is_file() else {}
@@ -290,7 +293,7 @@ def export_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, recipe: Optio
 
 
 def _export_rank(ckpt_dir: str, out_dir: str, model_fields: dict, vocab_size: int, tp: int, pp: int,
-                 out_dtype: str, shard_bytes: int, fp8_block: bool = False) -> None:
+                 out_dtype: str, shard_bytes: int, fp8_block: bool = False, allow_unverified: bool = False) -> None:
     from megatron_rence.megatron import checkpoint
     from megatron_rence.megatron.model import build_model
     from megatron_rence.weights.sync import iter_hf_buckets
@@ -299,7 +302,7 @@ def _export_rank(ckpt_dir: str, out_dir: str, model_fields: dict, vocab_size: in
     pstate, owns_world = _initialize(parallel_cfg)
     try:
         chunks = build_model(model_cfg, parallel_cfg, vocab_size)
-        checkpoint.load(ckpt_dir, chunks)
+        checkpoint.load(ckpt_dir, chunks, allow_unverified=allow_unverified)
         dtype = DTYPES[out_dtype]
         train_itemsize = next(chunks[0].parameters()).element_size()
         bucket_bytes = max(1, shard_bytes * train_itemsize // dtype.itemsize)  # shards are measured in out_dtype

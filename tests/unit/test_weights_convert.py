@@ -235,3 +235,22 @@ def test_cli_errors_exit_2(converted, tmp_path, capsys):
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "convert_hf_to_megatron.py"), str(tmp_path / "absent"),
                            str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "error: HF checkpoint directory" in proc.stderr, proc.stderr
+
+
+def test_export_of_a_checkpoint_without_manifest_needs_allow_unverified(converted, tmp_path, capsys):
+    # a checkpoint from before checksums (no manifest.json): refused with a message naming the tool's flag, and
+    # exported with --allow-unverified (the exporter only reads: nothing is renamed or deleted)
+    import shutil
+
+    src = tmp_path / "old_run"
+    shutil.copytree(converted["llama"]["megatron"], src)
+    (src / "iter_0000000" / "manifest.json").unlink()
+    export = _tool("export_megatron_to_hf")
+    assert export.main([str(src), str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err
+    assert "has no manifest.json" in err and "--allow-unverified" in err, err
+    assert export.main([str(src), str(tmp_path / "out"), "--allow-unverified"]) == 0
+    ours = load_file(tmp_path / "out" / "model.safetensors")
+    want = load_file(converted["llama"]["exported"] / "model.safetensors")
+    assert ours.keys() == want.keys() and all(torch.equal(ours[k], want[k]) for k in want)
+    assert sorted(p.name for p in src.iterdir()) == sorted(p.name for p in converted["llama"]["megatron"].iterdir())
