@@ -327,7 +327,7 @@ def _stop_checkpoint_was_at_the_current_step(s: Scenario) -> None:
     assert stop["perf/stop_to_checkpoint_s"] is None or stop["perf/stop_to_checkpoint_s"] < 60, stop
     launcher = (s.run_dir / "logs" / "launcher.log").read_text()
     if stop["step"] > 0:
-        assert f"resumed from" in "".join(p.read_text() for p in (s.run_dir / "logs").glob("train-*.log"))
+        assert "resumed from" in "".join(p.read_text() for p in (s.run_dir / "logs").glob("train-*.log"))
     assert "training step ended with status" in launcher
 
 

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_rence.config import Config, ModelConfig, ObjectiveConfig, OptimConfig
+from megatron_rence.config import Config, ModelConfig, OptimConfig
 from megatron_rence.megatron import checkpoint
 from megatron_rence.megatron.model import build_model
 from megatron_rence.megatron.step import Trainer
 from megatron_rence.objectives import get_objective
-from tests.megatron_state import single_rank
+from tests.megatron_state import single_rank, tiny_grpo_config
 
 VOCAB = 53
 K = 2
@@ -24,13 +24,7 @@ def pstate():
 
 
 def make_trainer(pstate, seed: int) -> Trainer:
-    cfg = Config()
-    cfg.model = ModelConfig(num_layers=2, hidden_size=32, ffn_hidden_size=48, num_attention_heads=4,
-                            num_query_groups=2, max_position_embeddings=32, make_vocab_size_divisible_by=8,
-                            tie_word_embeddings=True, dtype="fp32")
-    cfg.objective = ObjectiveConfig(name="grpo")
-    cfg.optim = OptimConfig(lr=1e-2, lr_warmup_steps=1, lr_decay_style="cosine", weight_decay=0.1)
-    cfg.train.micro_batch_size, cfg.train.num_steps, cfg.rollout.num_samples = 2 * K, 8, K
+    cfg = tiny_grpo_config(K)
     torch.manual_seed(seed)  # CPU initialisation draws from the default generator: different seed, other weights
     return Trainer(cfg, build_model(cfg.model, cfg.parallel, VOCAB), pstate, VOCAB)
 
