@@ -29,8 +29,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-STEPS = 50  # a run stopped by a command (scancel, requeue) right after its third step
-LONG = 300  # a run stopped by the time limit (Slurm checks limits every 30 s) or a preemption
+# Runs must outlast the stop on idle cores too (a demo step takes ~0.13 s there): a run that finished before
+# its stop arrived tests nothing (seen in CI: 300 steps done in 41 s before a 1-minute time limit).
+STEPS = 300  # a run stopped by a command (scancel, requeue) right after its third step
+LONG = 400  # a run stopped by a preemption, 10-20 s after the command
+LONGEST = 1200  # a run stopped by the time limit: Slurm acts 60-90 s after `TimeLimit=1` (it checks every 30 s)
 TINY = ["model.num_layers=2", "model.hidden_size=32", "model.ffn_hidden_size=64", "model.num_attention_heads=4",
         "model.num_query_groups=2", "rollout.prompts_per_step=4", "rollout.num_samples=4",
         "train.global_batch_size=16", "train.micro_batch_size=8", "logging.progress_bar=false",
@@ -38,7 +41,7 @@ TINY = ["model.num_layers=2", "model.hidden_size=32", "model.ffn_hidden_size=64"
         "checkpoint.every=0", "logging.plot=false", "eval.every=0", "train.num_threads=1",
         "optim.lr_decay_steps=1000"]  # fixed: step k of a 50-step run equals step k of the 300-step reference
 KEYS = ("loss/total", "reward/mean", "rollout/response_len_mean", "train/grad_norm")
-TIMEOUT = 420  # seconds per scenario, whatever the load
+TIMEOUT = 900  # seconds per wait of a scenario, whatever the load
 
 
 def _run(*cmd: str, env: dict, check: bool = True, **kw) -> subprocess.CompletedProcess:
@@ -99,8 +102,8 @@ class Scenario:
     def __init__(self, cluster: Cluster, name: str):
         self.cluster, self.name = cluster, name
         # the time limit and preemption act 10-60 s after the command: long runs, not to finish before
-        self.steps = LONG if name in ("reference", "warning_time_limit", "hard_time_limit", "preempt_grace",
-                                      "preempt_no_grace") else STEPS
+        self.steps = {"reference": LONGEST, "warning_time_limit": LONGEST, "hard_time_limit": LONGEST,
+                      "preempt_grace": LONG, "preempt_no_grace": LONG}.get(name, STEPS)
         self.run_dir = cluster.root / "runs" / name
         self.events: list[str] = []
         self.error: BaseException | None = None
@@ -247,7 +250,10 @@ def cluster():
         pytest.skip(up.stderr.strip().splitlines()[-1])
     assert up.returncode == 0, up.stdout + up.stderr
     env = dict(os.environ, SLURM_CONF=str(root / "cluster" / "slurm.conf"))
-    for key in [k for k in env if k.startswith("SLURM_") and k != "SLURM_CONF"]:
+    # sbatch exports the submitting environment: a rendezvous left by an in-process test (parallel.initialize
+    # sets MASTER_PORT for a world of one) would override rence.sbatch's per-job port and collide
+    rendezvous = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+    for key in [k for k in env if (k.startswith("SLURM_") and k != "SLURM_CONF") or k in rendezvous]:
         env.pop(key)
     try:
         yield Cluster(root, env)
@@ -314,8 +320,8 @@ def _check_run(s: Scenario, reference: list[dict]) -> None:
 def reference(scenarios):
     s = _result(scenarios, "reference")
     records = _metrics(s.run_dir)
-    assert [r["step"] for r in records] == list(range(1, LONG + 1))
-    assert not (s.run_dir / "stops.jsonl").exists() and _latest(s.run_dir) == LONG
+    assert [r["step"] for r in records] == list(range(1, LONGEST + 1))
+    assert not (s.run_dir / "stops.jsonl").exists() and _latest(s.run_dir) == LONGEST
     return records
 
 
