@@ -33,7 +33,9 @@ REPO = Path(__file__).resolve().parents[2]
 # its stop arrived tests nothing (seen in CI: 300 steps done in 41 s before a 1-minute time limit).
 STEPS = 300  # a run stopped by a command (scancel, requeue) right after its third step
 LONG = 400  # a run stopped by a preemption, 10-20 s after the command
-LONGEST = 1200  # a run stopped by the time limit: Slurm acts 60-90 s after `TimeLimit=1` (it checks every 30 s)
+WARNED = 1200  # a run stopped by the time-limit warning (Slurm signals within ~60 s of `TimeLimit=5`)
+LONGEST = 4000  # a run killed by the hard time limit, 60-90 s after its start with `TimeLimit=1` (Slurm checks
+#                 every 30 s): 1200 steps took 39 s on idle cores
 TINY = ["model.num_layers=2", "model.hidden_size=32", "model.ffn_hidden_size=64", "model.num_attention_heads=4",
         "model.num_query_groups=2", "rollout.prompts_per_step=4", "rollout.num_samples=4",
         "train.global_batch_size=16", "train.micro_batch_size=8", "logging.progress_bar=false",
@@ -102,7 +104,7 @@ class Scenario:
     def __init__(self, cluster: Cluster, name: str):
         self.cluster, self.name = cluster, name
         # the time limit and preemption act 10-60 s after the command: long runs, not to finish before
-        self.steps = {"reference": LONGEST, "warning_time_limit": LONGEST, "hard_time_limit": LONGEST,
+        self.steps = {"reference": LONGEST, "warning_time_limit": WARNED, "hard_time_limit": LONGEST,
                       "preempt_grace": LONG, "preempt_no_grace": LONG}.get(name, STEPS)
         self.run_dir = cluster.root / "runs" / name
         self.events: list[str] = []
