@@ -309,12 +309,15 @@ def _processes_of(run_dir: Path) -> list[str]:
 def _check_run(s: Scenario, reference: list[dict]) -> None:
     records = _metrics(s.run_dir)
     assert [r["step"] for r in records] == list(range(1, s.steps + 1)), f"{s.name}: every step once"
+    # two_nodes trains data-parallel over 2 ranks against a 1-rank reference: the gradient sums run in another
+    # order, and over 300 steps that drifts to ~1.4e-5 relative (seen: grad_norm at step 277); 1-rank runs are exact
+    rel = 1e-4 if s.name == "two_nodes" else 1e-5
     for r in records:
         ref = reference[r["step"] - 1]
         for key in KEYS:  # a step without a mixed group has no gradient norm, in both runs
             assert (key in r) == (key in ref), (s.name, r["step"], key)
             if key in r:
-                assert r[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-6), (s.name, r["step"], key)
+                assert r[key] == pytest.approx(ref[key], rel=rel, abs=1e-6), (s.name, r["step"], key)
     assert _processes_of(s.run_dir) == [], s.name
 
 
