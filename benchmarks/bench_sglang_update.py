@@ -53,20 +53,11 @@ def _shims_on_path(device: str) -> None:
 
 
 def free_port() -> int:
-    """A free TCP port whose successor is free too (SGLang's NCCL / gloo port is base_port + 1)."""
-    import socket
+    """A free TCP port with a free successor: the sglang tier's helper (tests/sglang/engine_setup.py)."""
+    sys.path.insert(0, str(REPO))
+    from tests.sglang.engine_setup import free_port as tier_free_port
 
-    for _ in range(50):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-        with socket.socket() as b:
-            try:
-                b.bind(("127.0.0.1", port + 1))
-                return port
-            except OSError:
-                continue
-    raise RuntimeError("no free port pair")
+    return tier_free_port()
 
 
 def make_engine(args, run_dir: Path):
