@@ -13,7 +13,9 @@ trainer when the trainer is killed outright (kill -9, the OOM killer), so nothin
   SGLang's processes keep them blocked (pending for ever, i.e. ignored) and already die with their
   parent (SGLang's own `kill_itself_when_parent_died`).
 - forked children (megatron's checkpoint writer workers) run the same through `os.register_at_fork`
-  once `install_fork_hook()` was called (train.StopFlag does).
+  while the fork hook is on: `install_fork_hook()` turns it on (train.StopFlag does, for the run),
+  `remove_fork_hook()` off again, so a process that goes on after a run (a test, a notebook) forks and
+  spawns with its own signal handling.
 
 The parent loses no signal: while its main thread blocks them they go to another thread (the Python
 handler still runs in the main thread), or stay pending until the block ends.
@@ -44,7 +46,8 @@ def _load_prctl():
 
 
 _prctl = _load_prctl()
-_fork_hook_installed = False
+_fork_hook_registered = False
+_fork_hook_on = False
 
 
 @contextlib.contextmanager
@@ -110,7 +113,7 @@ def become_child(parent_pid: Optional[int] = None) -> None:
     die_with_parent(os.getppid() if parent_pid is None else parent_pid)
 
 
-_mask_before_fork: set = set()
+_mask_before_fork: Optional[set] = None  # None: the hook was off when this fork started
 _pid_before_fork = 0
 
 
@@ -119,15 +122,21 @@ def _before_fork() -> None:
     before `_after_fork_in_child` has run stays pending and is discarded once ignored (without this a SIGTERM
     right after the fork killed the child: the hook runs only when the child is first scheduled)."""
     global _mask_before_fork, _pid_before_fork
+    if not _fork_hook_on:
+        _mask_before_fork = None
+        return
     _pid_before_fork = os.getpid()
     _mask_before_fork = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
 
 
 def _after_fork_in_parent() -> None:
-    signal.pthread_sigmask(signal.SIG_SETMASK, _mask_before_fork)
+    if _mask_before_fork is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, _mask_before_fork)
 
 
 def _after_fork_in_child() -> None:
+    if _mask_before_fork is None:
+        return
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     if _prctl is not None:  # no thread here: a forked child of a threaded process must stay simple
@@ -138,13 +147,20 @@ def _after_fork_in_child() -> None:
 
 
 def install_fork_hook() -> None:
-    """Every process forked from this one from now on ignores the stop signals and dies with it
-    (megatron's checkpoint writer forks its workers from the trainer). Idempotent."""
-    global _fork_hook_installed
-    if not _fork_hook_installed:
+    """Every process forked from this one from now on (until `remove_fork_hook`) ignores the stop signals and
+    dies with it (megatron's checkpoint writer forks its workers from the trainer). Idempotent."""
+    global _fork_hook_registered, _fork_hook_on
+    if not _fork_hook_registered:  # os.register_at_fork cannot be undone: the hooks check _fork_hook_on
         os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
                             after_in_child=_after_fork_in_child)
-        _fork_hook_installed = True
+        _fork_hook_registered = True
+    _fork_hook_on = True
+
+
+def remove_fork_hook() -> None:
+    """Forks from now on are plain again (the run is over). Idempotent."""
+    global _fork_hook_on
+    _fork_hook_on = False
 
 
 def descendants(pid: int) -> set[int]:

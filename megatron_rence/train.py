@@ -49,16 +49,35 @@ class StopFlag:
     """Set by SIGTERM / SIGUSR1 / SIGINT; the loop checkpoints at the end of the step and exits.
 
     The signals usually reach every process of the job (Slurm, `kill -- -PGID`): the processes we start
-    ignore them and die with this one (lifecycle.py), so they are still there for the checkpoint."""
+    ignore them and die with this one (lifecycle.py), so they are still there for the checkpoint.
 
-    def __init__(self):
-        from megatron_rence.lifecycle import STOP_SIGNALS, install_fork_hook
+    A context manager: on exit the handlers this process had before come back and forks are plain again, or,
+    with `ignore_after` (the trainer program on its way out: rence.sbatch repeats the time-limit warning every
+    5 s), SIGTERM / SIGUSR1 are ignored from then on. Ignoring is inherited through exec, so only the program
+    may leave it behind: a caller in the same process (a test, a notebook) would start shells that cannot trap
+    those signals."""
 
+    def __init__(self, ignore_after: bool = False):
         self.signum: Optional[int] = None
         self.at: Optional[float] = None  # time.monotonic() of the first stop signal
+        self.ignore_after = ignore_after
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopFlag":
+        from megatron_rence.lifecycle import STOP_SIGNALS, install_fork_hook
+
         for sig in STOP_SIGNALS:
-            signal.signal(sig, self._handle)
+            self._previous[sig] = signal.signal(sig, self._handle)
         install_fork_hook()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from megatron_rence.lifecycle import remove_fork_hook
+
+        remove_fork_hook()
+        for sig, previous in self._previous.items():
+            ignore = self.ignore_after and sig in (signal.SIGTERM, signal.SIGUSR1)
+            signal.signal(sig, signal.SIG_IGN if ignore else previous)
 
     def _handle(self, signum, frame):
         if self.signum is not None and signum == signal.SIGINT:
@@ -298,16 +317,19 @@ def evaluate_at_start(run: Run) -> None:
               flush=True)
 
 
-def run_training(cfg: Config, resume: bool = False) -> list[dict]:
-    """Train `cfg.train.num_steps` steps (from the latest checkpoint with `resume`); returns the step metrics."""
+def run_training(cfg: Config, resume: bool = False, stop: Optional[StopFlag] = None) -> list[dict]:
+    """Train `cfg.train.num_steps` steps (from the latest checkpoint with `resume`); returns the step metrics.
+    `stop`: an entered StopFlag (main's); without one the run installs its own for its duration."""
     from megatron_rence.rundir import claim_run_dir
 
+    if stop is None:
+        with StopFlag() as own:
+            return run_training(cfg, resume, own)
     with claim_run_dir(cfg, resume):  # one run per run dir; a fresh launch never clobbers an earlier run
-        return _train_loop(cfg, resume)
+        return _train_loop(cfg, resume, stop)
 
 
-def _train_loop(cfg: Config, resume: bool) -> RunHistory:
-    stop = StopFlag()
+def _train_loop(cfg: Config, resume: bool, stop: StopFlag) -> RunHistory:
     deadline = time.monotonic() + 60 * cfg.train.max_minutes if cfg.train.max_minutes else None
     run = setup(cfg, resume)
     health = run.health  # NaN / inf steps in a row stop the run (its counters are checkpointed)
@@ -422,7 +444,9 @@ def close(run: Run) -> None:
         run.engine.shutdown()
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, program: bool = False) -> int:
+    """The trainer's command line. `program`: this is the process's entry (`python -m megatron_rence.train`):
+    stop signals that come after the run are ignored on the way out (StopFlag.ignore_after)."""
     parser = recipe_parser("rence-train", "Train with ReNCE / GRPO / DAPO / online DPO.")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run dir")
     parser.add_argument("--stopped-exit", type=int, default=0, metavar="STATUS",
@@ -437,19 +461,14 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_rence.rundir import RunDirError
 
     try:
-        history = run_training(cfg, resume=args.resume)
+        with StopFlag(ignore_after=program) as stop:  # the run's state is on disk when this block is left
+            history = run_training(cfg, resume=args.resume, stop=stop)
     except (RunDirError, CheckpointLoadError, NonFiniteTraining, FloatingPointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, (RunDirError, CheckpointLoadError)) else 1
     except (ValueError, OSError) as exc:  # bad input (a data / benchmark file, a key), a full disk: the message
         print(f"error: {exc}", file=sys.stderr)  # names the file, line or key
         return 1
-    finally:
-        # the run is over, its state on disk: a stop signal sent again (rence.sbatch repeats the time-limit
-        # warning every 5 s) must not kill this process on its way out, when Python has put the default
-        # action (terminate) back in place of StopFlag's handler
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, signal.SIG_IGN)
     if history and os.environ.get("RANK", "0") == "0":
         print(summary(cfg, history))
     return args.stopped_exit if history.stopped_at is not None else 0
@@ -489,4 +508,4 @@ def summary(cfg: Config, history: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(program=True))

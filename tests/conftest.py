@@ -20,3 +20,39 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(getattr(pytest.mark, tier))
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(skip_gpu)
+
+
+_WATCHED_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT", "SIGQUIT", "SIGHUP")
+
+
+def _signal_state() -> dict:
+    import signal
+
+    from megatron_rence import lifecycle
+
+    state = {name: signal.getsignal(getattr(signal, name)) for name in _WATCHED_SIGNALS}
+    state["blocked"] = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    state["fork_hook_on"] = lifecycle._fork_hook_on
+    return state
+
+
+@pytest.fixture(autouse=True)
+def signal_handling_is_left_as_found():
+    """Whatever runs in this process (the trainer, a CLI's main) leaves the signal handling as it found it. A
+    signal ignored here is ignored in every process a later test starts (bash cannot trap a signal that was
+    ignored when it started: the Slurm script tests hung on exactly that in CI), a blocked one stays blocked in
+    them, and an active fork hook makes forked children ignore the stop signals."""
+    import signal
+
+    from megatron_rence import lifecycle
+
+    before = _signal_state()
+    yield
+    after = _signal_state()
+    if after != before:
+        changed = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
+        for name in _WATCHED_SIGNALS:
+            signal.signal(getattr(signal, name), before[name])
+        signal.pthread_sigmask(signal.SIG_SETMASK, before["blocked"])
+        lifecycle._fork_hook_on = before["fork_hook_on"]
+        pytest.fail(f"the test left the process's signal handling changed (before, after): {changed}")

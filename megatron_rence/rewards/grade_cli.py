@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_on_sigterm)  # put back on return: main may be a call
     cfg = RewardConfig(num_workers=args.workers, timeout_s=args.timeout, fallbacks=list(args.fallbacks))
     seconds = 0.0
     try:
@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         os.replace(tmp, args.out)
     finally:
         tmp.unlink(missing_ok=True)
+        signal.signal(signal.SIGTERM, previous_sigterm)
     n = len(records)
     print(f"graded {n} records in {seconds:.2f}s: correct {metrics['reward/num_correct']}, "
           f"no_answer {metrics['reward/num_no_answer']}, timeout {metrics['reward/num_timeout']}, "

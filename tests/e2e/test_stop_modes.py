@@ -34,7 +34,7 @@ if where == "rollout":
     phases.rollout_phase = after(phases.rollout_phase)
 elif where == "setup":
     train.setup = after(train.setup)
-sys.exit(train.main(sys.argv[1:]))
+sys.exit(train.main(sys.argv[1:], program=True))
 """
 KEYS = ("loss/total", "reward/mean", "rollout/response_len_mean", "train/grad_norm")
 

@@ -238,6 +238,17 @@ def _free_ports(n: int) -> int:
     raise RuntimeError("no free ports for slurmctld / slurmd")
 
 
+def _wait_queue_empty(env: dict, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        queue = subprocess.run(["squeue", "--noheader", "--format=%i %T"], env=env, capture_output=True, text=True,
+                               timeout=30)
+        if queue.returncode != 0 or not queue.stdout.strip():
+            return
+        time.sleep(1.0)
+    print(f"slurm tier: jobs still in the queue after {timeout_s:.0f} s: {queue.stdout.strip()}")
+
+
 @pytest.fixture(scope="module")
 def cluster():
     if shutil.which("bash") is None:
@@ -261,6 +272,7 @@ def cluster():
         yield Cluster(root, env)
     finally:
         subprocess.run(["scancel", "--user=root"], env=env, capture_output=True, timeout=60)
+        _wait_queue_empty(env)  # slurmstepd and its tasks outlive a stopped slurmd: they would load later tests
         subprocess.run(["bash", str(script), "down", str(root / "cluster")], capture_output=True, timeout=120)
         shutil.rmtree(root, ignore_errors=True)
 
