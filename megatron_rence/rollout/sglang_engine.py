@@ -198,6 +198,7 @@ class SGLangEngine:
         self.engine = None
         self._pids: set[int] = set()
         self._sigquit = False
+        self._quit_handler: Any = None  # this process's SIGQUIT handler before the first start: shutdown restores it
         self._released: set[str] = set()
         self._sync_failed = False
         self._cache_dirty = False
@@ -233,6 +234,8 @@ class SGLangEngine:
         start_resource_tracker()  # CPython's, shared by every spawn of this process: not one of the engine's
         before = descendants(os.getpid())
         term_handler = signal.getsignal(signal.SIGTERM)
+        if self._quit_handler is None:  # a restart keeps the first one
+            self._quit_handler = signal.getsignal(signal.SIGQUIT)
         with stop_signals_blocked():  # the engine's processes inherit the block: a job-wide SIGTERM spares them
             self.engine = self.backend.make_engine(**self.kwargs)
         atexit.unregister(self.engine.shutdown)  # it kills every child of this process
@@ -288,7 +291,7 @@ class SGLangEngine:
     def shutdown(self) -> None:
         if self.is_owner and self.engine is not None:
             self._kill()
-            signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+            signal.signal(signal.SIGQUIT, self._quit_handler or signal.SIG_DFL)
 
     # ---- guarded calls -----------------------------------------------------------------------------
     def _call(self, make_coro: Callable[[], Any]):

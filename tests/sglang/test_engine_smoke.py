@@ -1,8 +1,20 @@
 """Smoke check of the tier itself: SGLang's real `sglang.Engine(device="cpu")` starts on a tiny Llama built
 in code (dummy weights) and generates with log-probs, with the import shims and nothing patched."""
+import signal
+
 import pytest
 
 pytestmark = pytest.mark.sglang
+
+
+@pytest.fixture
+def sglangs_handlers_undone():
+    """sglang.Engine used bare (not through our adapter, which undoes them) leaves its handlers in this process:
+    SIGQUIT's launch-phase handler, the tokenizer manager's asyncio SIGTERM handler. Put back what was there."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
 
 
 def test_shims_are_the_ones_imported():
@@ -18,7 +30,7 @@ def test_shims_are_the_ones_imported():
         transfer_kv_all_layer()
 
 
-def test_engine_starts_on_cpu_and_generates(tmp_path):
+def test_engine_starts_on_cpu_and_generates(tmp_path, sglangs_handlers_undone):
     import sglang
     from transformers import LlamaConfig
 
