@@ -207,3 +207,43 @@ def test_checkpoint_save_leaves_no_helper_process(tmp_path):
         assert lifecycle.descendants(os.getpid()) - before == set()
         assert type(filesystem_async._results_queue).__module__ == "queue"
         assert (tmp_path / "latest").read_text().strip() == "iter_0000002"
+
+
+def _disposition_in(pid: int, sig: int) -> str:
+    """'ignored', 'caught' or 'default', as /proc/PID/status says (SigIgn / SigCgt)."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    if int(fields["SigIgn"], 16) & _bit(sig):
+        return "ignored"
+    return "caught" if int(fields["SigCgt"], 16) & _bit(sig) else "default"
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
+def test_stop_flag_lasts_as_long_as_the_run_and_only_the_program_leaves_the_signals_ignored():
+    # An ignored signal is inherited through exec, and bash cannot trap one ignored at its start: a trainer run
+    # inside a process that goes on (a test, a notebook) must not leave SIGTERM / SIGUSR1 ignored behind it.
+    from megatron_rence.train import StopFlag
+
+    found = {sig: signal.getsignal(sig) for sig in lifecycle.STOP_SIGNALS}
+    shell = "trap 'echo trapped' USR1; kill -USR1 $$; sleep 0.2; echo done"
+    with StopFlag() as stop:
+        assert all(signal.getsignal(sig) == stop._handle for sig in lifecycle.STOP_SIGNALS)
+        assert lifecycle._fork_hook_on
+    assert {sig: signal.getsignal(sig) for sig in lifecycle.STOP_SIGNALS} == found and not lifecycle._fork_hook_on
+    assert subprocess.run(["bash", "-c", shell], capture_output=True, text=True).stdout == "trapped\ndone\n"
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        time.sleep(0.5)
+        assert _disposition_in(child.pid, signal.SIGTERM) == "default"
+    finally:
+        child.kill()
+        child.wait()
+    try:
+        with StopFlag(ignore_after=True):  # the program's way out: a repeated warning must not kill it
+            pass
+        assert signal.getsignal(signal.SIGTERM) == signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGINT) == found[signal.SIGINT]
+        # what a shell started now would get: the trap cannot be set, the signal is ignored
+        assert subprocess.run(["bash", "-c", shell], capture_output=True, text=True).stdout == "done\n"
+    finally:
+        for sig, handler in found.items():
+            signal.signal(sig, handler)
