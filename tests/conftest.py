@@ -23,9 +23,10 @@ def pytest_collection_modifyitems(config, items):
 
 
 _WATCHED_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT", "SIGQUIT", "SIGHUP")
+_RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
-def _signal_state() -> dict:
+def _process_state() -> dict:
     import signal
 
     from megatron_rence import lifecycle
@@ -33,26 +34,35 @@ def _signal_state() -> dict:
     state = {name: signal.getsignal(getattr(signal, name)) for name in _WATCHED_SIGNALS}
     state["blocked"] = signal.pthread_sigmask(signal.SIG_BLOCK, [])
     state["fork_hook_on"] = lifecycle._fork_hook_on
+    state["rendezvous"] = {k: os.environ.get(k) for k in _RENDEZVOUS}
     return state
 
 
 @pytest.fixture(autouse=True)
-def signal_handling_is_left_as_found():
-    """Whatever runs in this process (the trainer, a CLI's main) leaves the signal handling as it found it. A
-    signal ignored here is ignored in every process a later test starts (bash cannot trap a signal that was
-    ignored when it started: the Slurm script tests hung on exactly that in CI), a blocked one stays blocked in
-    them, and an active fork hook makes forked children ignore the stop signals."""
+def process_state_is_left_as_found():
+    """Whatever runs in this process (the trainer, a CLI's main) leaves the signal handling and the rendezvous
+    environment as it found them. A signal ignored here is ignored in every process a later test starts (bash
+    cannot trap a signal that was ignored when it started: the Slurm script tests hung on exactly that in CI), a
+    blocked one stays blocked in them, an active fork hook makes forked children ignore the stop signals, and a
+    MASTER_PORT left in the environment is exported by sbatch to every job (the Slurm tier's jobs collided on
+    one in CI)."""
     import signal
 
     from megatron_rence import lifecycle
 
-    before = _signal_state()
+    before = _process_state()
     yield
-    after = _signal_state()
+    after = _process_state()
     if after != before:
         changed = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
         for name in _WATCHED_SIGNALS:
             signal.signal(getattr(signal, name), before[name])
         signal.pthread_sigmask(signal.SIG_SETMASK, before["blocked"])
         lifecycle._fork_hook_on = before["fork_hook_on"]
-        pytest.fail(f"the test left the process's signal handling changed (before, after): {changed}")
+        for key, value in before["rendezvous"].items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        pytest.fail(f"the test left the process's signal handling or rendezvous environment changed "
+                    f"(before, after): {changed}")

@@ -71,16 +71,15 @@ def _init_process_group(use_cuda: bool, timeout_minutes: int) -> None:
         missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
         if missing:
             raise ValueError(f"RANK and WORLD_SIZE are set but {', '.join(missing)} is not")
-        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        rank, world_size, init_method = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), "env://"
     else:
-        # a world of one: its own rendezvous on a fresh port (a MASTER_PORT left over in the environment,
-        # e.g. inherited from a parent that ran a world of its own, may still be taken)
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(free_port())
-        rank, world_size = 0, 1
+        # a world of one: its own rendezvous on a fresh port, not a MASTER_PORT left in the environment (it may
+        # be taken) and not one written there: every process started later would inherit it (sbatch exports
+        # it, and rence.sbatch uses a MASTER_PORT it is given: every job submitted from here would share it)
+        rank, world_size, init_method = 0, 1, f"tcp://127.0.0.1:{free_port()}"
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
-    dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size, timeout=timeout)
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timeout)
 
 
 def initialize(parallel_cfg: ParallelConfig, seed: int, timeout_minutes: int = 30) -> ParallelState:
