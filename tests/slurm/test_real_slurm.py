@@ -88,11 +88,17 @@ def _wait(what: str, predicate, timeout: float = TIMEOUT, every: float = 0.5):
         time.sleep(every)
 
 
-def _metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
+def _complete_lines(path: Path) -> list[str]:
+    """The lines of a file that a trainer appends to, less a last one still being written (no newline yet):
+    read the instant it appears, stops.jsonl can still be empty or half a record."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    return [line for line in text.splitlines()[:text.count("\n")] if line.strip()]
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in _complete_lines(run_dir / "metrics.jsonl")]
 
 
 def _latest(run_dir: Path) -> int:
@@ -124,8 +130,7 @@ class Scenario:
 
     def wait_stop_checkpoint(self) -> None:
         stops = self.run_dir / "stops.jsonl"
-        _wait(f"{self.name}: stop checkpoint", stops.exists)
-        record = json.loads(stops.read_text().splitlines()[0])
+        record = json.loads(_wait(f"{self.name}: stop checkpoint", lambda: _complete_lines(stops))[0])
         self.stopped_at = record["step"]
         self.events.append(f"stop checkpoint at step {record['step']} "
                            f"({record['perf/stop_to_checkpoint_s']} s after the signal)")
