@@ -61,8 +61,22 @@ class Cluster:
         self.node = sorted(set(_run("sinfo", "-h", "-N", "-o", "%N", env=env).stdout.split()))  # both nodes
 
     def job(self, job_id: str) -> dict:
-        out = _run("scontrol", "-o", "show", "job", job_id, env=self.env, check=False).stdout
-        return dict(re.findall(r"(\w+)=(\S*)", out))
+        """`scontrol show job`'s fields. slurmctld, busy under the tier's load, can fail a query: it is asked again
+        for up to a minute, so that a failed query never reads as a job state (an empty JobState once ended a
+        scenario's wait for its first steps: "ended before 3 steps: PENDING")."""
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                proc = _run("scontrol", "-o", "show", "job", job_id, env=self.env, check=False)
+                fields = dict(re.findall(r"(\w+)=(\S*)", proc.stdout))
+                if proc.returncode == 0 and fields.get("JobState"):
+                    return fields
+                why = f"exit {proc.returncode}: {proc.stdout} {proc.stderr}"
+            except subprocess.TimeoutExpired as exc:
+                why = repr(exc)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"scontrol show job {job_id} failed for 60 s: {why}")
+            time.sleep(1.0)
 
     def sbatch(self, run: str, *opts: str, steps: int = STEPS, cwd: Path = REPO,
                script: str = "slurm/rence.sbatch") -> str:
