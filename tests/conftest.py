@@ -1,9 +1,12 @@
 """Test tiers by folder: unit (default), distributed (gloo, several processes), gpu (needs CUDA), e2e, slurm (a real
 Slurm cluster brought up by tools/slurm_cluster.sh; skipped where it cannot run)."""
 import os
+import signal
 
 import pytest
 import torch
+
+from megatron_rence import lifecycle
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -27,10 +30,6 @@ _RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
 def _process_state() -> dict:
-    import signal
-
-    from megatron_rence import lifecycle
-
     state = {name: signal.getsignal(getattr(signal, name)) for name in _WATCHED_SIGNALS}
     state["blocked"] = signal.pthread_sigmask(signal.SIG_BLOCK, [])
     state["fork_hook_on"] = lifecycle._fork_hook_on
@@ -46,10 +45,6 @@ def process_state_is_left_as_found():
     blocked one stays blocked in them, an active fork hook makes forked children ignore the stop signals, and a
     MASTER_PORT left in the environment is exported by sbatch to every job (the Slurm tier's jobs collided on
     one in CI)."""
-    import signal
-
-    from megatron_rence import lifecycle
-
     before = _process_state()
     yield
     after = _process_state()

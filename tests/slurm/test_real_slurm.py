@@ -43,7 +43,7 @@ TINY = ["model.num_layers=2", "model.hidden_size=32", "model.ffn_hidden_size=64"
         "train.global_batch_size=16", "train.micro_batch_size=8", "logging.progress_bar=false",
         "logging.tensorboard=false", "reward.num_workers=1", "data.synthetic.max_value=2", "rollout.max_new_tokens=2",
         "checkpoint.every=0", "logging.plot=false", "eval.every=0", "train.num_threads=1",
-        "optim.lr_decay_steps=1000"]  # fixed: step k of a 50-step run equals step k of the 300-step reference
+        "optim.lr_decay_steps=1000"]  # fixed: step k of a 300-step run equals step k of the 4000-step reference
 KEYS = ("loss/total", "reward/mean", "rollout/response_len_mean", "train/grad_norm")
 TIMEOUT = 900  # seconds per wait of a scenario, whatever the load
 
@@ -125,7 +125,7 @@ class Scenario:
 
     def __init__(self, cluster: Cluster, name: str):
         self.cluster, self.name = cluster, name
-        # the time limit and preemption act 10-60 s after the command: long runs, not to finish before
+        # runs stopped by Slurm's clock or a preemption act seconds after the command: long, not to finish before
         self.steps = {"reference": CLOCKED, "warning_time_limit": CLOCKED, "hard_time_limit": CLOCKED,
                       "preempt_grace": LONG, "preempt_no_grace": LONG}.get(name, STEPS)
         self.run_dir = cluster.root / "runs" / name
@@ -367,7 +367,7 @@ def reference(scenarios):
 def _stop_checkpoint_was_at_the_current_step(s: Scenario) -> None:
     """The first stop's record names the step the trainer had logged last; only a stop writes checkpoints here
     (checkpoint.every=0), so the requeued / resubmitted job resumed from exactly that step."""
-    stop = json.loads((s.run_dir / "stops.jsonl").read_text().splitlines()[0])
+    stop = json.loads(_complete_lines(s.run_dir / "stops.jsonl")[0])
     assert 0 <= stop["step"] < s.steps and stop["signal"] in (10, 15), stop
     assert stop["perf/stop_to_checkpoint_s"] is None or stop["perf/stop_to_checkpoint_s"] < 60, stop
     launcher = (s.run_dir / "logs" / "launcher.log").read_text()
